@@ -1,0 +1,222 @@
+"""The ResNet family as one module plus a table of stage lists, and a registry.
+
+`ResNet` is a stem, stages of residual blocks (the first block of every stage
+after the first halves the resolution) and a global-average-pool + dense head.
+Each named model is one row of `_REGISTRY`: a block, a stage list and a few
+options. Use `create_model(name, num_classes=...)`; `available_models()` lists
+the names.
+
+The model sows named features into the `intermediates` collection (stem conv,
+stem pool, each stage, pooled features) so that summaries and feature
+extraction need no second model: `apply(..., mutable=['intermediates'])`.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from resnet_jax import blocks
+from resnet_jax.blocks import (BasicBlock, Bottleneck, CifarStem, ImageNetStem,
+                               PreActBasicBlock, PreActBottleneck, Residual)
+from resnet_jax.errors import UserError
+
+__all__ = ['ResNet', 'Residual', 'create_model', 'available_models',
+           'model_defaults']
+
+ModuleDef = Any
+# He et al. 2015 initialisation for convs followed by ReLU, as torchvision.
+_HE_NORMAL_FAN_OUT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+class ResNet(nn.Module):
+  """A residual network: stem -> stages -> [final BN-ReLU] -> pool -> dense.
+
+  Attributes:
+    stage_sizes: number of blocks per stage.
+    block_cls: a block (or factory) called as block_cls(features, strides=...).
+    num_classes: size of the output logits.
+    stage_widths: `features` of the blocks of each stage.
+    stem_cls: `ImageNetStem` or `CifarStem`.
+    stem_width: output channels of the stem conv.
+    preact: pre-activation network (ResNet v2): a final BN -> ReLU.
+    conv_bias: convolutions keep a bias (only the textbook model does).
+    zero_init_residual: start the last norm (or conv) of each branch at zero.
+    block_kwargs: extra fields for every block (groups, shortcut, ...).
+    conv: the convolution module (nn.Conv or a faster drop-in).
+    dtype: compute dtype; parameters stay in `param_dtype`.
+    bn_momentum, bn_epsilon: in Flax's convention (PyTorch's 0.1 is 0.9 here).
+  """
+  stage_sizes: Sequence[int]
+  block_cls: ModuleDef
+  num_classes: int
+  stage_widths: Sequence[int] = (64, 128, 256, 512)
+  stem_cls: ModuleDef = ImageNetStem
+  stem_width: int = 64
+  preact: bool = False
+  conv_bias: bool = False
+  zero_init_residual: bool = False
+  block_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  conv: ModuleDef = nn.Conv
+  act: Callable[[jax.Array], jax.Array] = nn.relu
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    conv = functools.partial(self.conv, use_bias=self.conv_bias,
+                             kernel_init=_HE_NORMAL_FAN_OUT,
+                             dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = functools.partial(nn.BatchNorm, momentum=self.bn_momentum,
+                             epsilon=self.bn_epsilon, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+    layers = dict(conv=conv, norm=norm, act=self.act)
+    x = jnp.asarray(x, self.dtype)
+    x = self.stem_cls(self.stem_width, preact=self.preact, name='stem',
+                      **layers)(x, train)
+    for i, (num_blocks, width) in enumerate(
+        zip(self.stage_sizes, self.stage_widths)):
+      for j in range(num_blocks):
+        strides = 2 if i > 0 and j == 0 else 1
+        x = self.block_cls(width, strides=strides,
+                           zero_init_last=self.zero_init_residual,
+                           name=f'layer{i + 1}_{j}', **layers,
+                           **self.block_kwargs)(x, train)
+      self.sow('intermediates', f'stage{i + 1}', x)
+    if self.preact:
+      x = self.act(norm(use_running_average=not train, name='bn_final')(x))
+    x = jnp.mean(x, axis=(1, 2))
+    self.sow('intermediates', 'pool', x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name='fc')(x)
+    # Logits in float32 so the loss is accurate under bfloat16 compute.
+    return jnp.asarray(x, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  """How to build one named model, and what it is."""
+  description: str
+  fields: dict[str, Any]
+  num_classes: int = 1000
+
+
+_IMAGENET = dict(stem_cls=ImageNetStem)
+_CIFAR = dict(stem_cls=CifarStem, stem_width=16, stage_widths=(16, 32, 64),
+              block_cls=BasicBlock, block_kwargs={'shortcut': 'A'})
+
+_DEPTHS = {18: (BasicBlock, PreActBasicBlock, (2, 2, 2, 2)),
+           34: (BasicBlock, PreActBasicBlock, (3, 4, 6, 3)),
+           50: (Bottleneck, PreActBottleneck, (3, 4, 6, 3)),
+           101: (Bottleneck, PreActBottleneck, (3, 4, 23, 3)),
+           152: (Bottleneck, PreActBottleneck, (3, 8, 36, 3))}
+
+
+def _build_registry() -> dict[str, _Entry]:
+  reg = {'d2l_resnet18': _Entry(
+      'ResNet-18 of the d2l.ai textbook (convs with bias, 1x1 conv where it '
+      'strides)',
+      dict(_IMAGENET, block_cls=blocks.textbook_block, stage_sizes=(2, 2, 2, 2),
+           conv_bias=True), num_classes=10)}
+  for depth, (block, preact_block, sizes) in _DEPTHS.items():
+    reg[f'resnet{depth}'] = _Entry(
+        f'ResNet-{depth}, He et al. 2016 Table 1 (v1.5 strides)',
+        dict(_IMAGENET, block_cls=block, stage_sizes=sizes))
+    reg[f'resnetv2_{depth}'] = _Entry(
+        f'Pre-activation ResNet-{depth} (He et al. 2016, Identity Mappings)',
+        dict(_IMAGENET, block_cls=preact_block, stage_sizes=sizes,
+             preact=True))
+  reg['resnext50_32x4d'] = _Entry(
+      'ResNeXt-50, cardinality 32, width 4 per group (Xie et al. 2017)',
+      dict(_IMAGENET, block_cls=Bottleneck, stage_sizes=(3, 4, 6, 3),
+           block_kwargs={'groups': 32, 'base_width': 4}))
+  reg['resnext101_32x8d'] = _Entry(
+      'ResNeXt-101, cardinality 32, width 8 per group (Xie et al. 2017)',
+      dict(_IMAGENET, block_cls=Bottleneck, stage_sizes=(3, 4, 23, 3),
+           block_kwargs={'groups': 32, 'base_width': 8}))
+  reg['wide_resnet50_2'] = _Entry(
+      'Wide ResNet-50-2: bottleneck 3x3 convs twice as wide',
+      dict(_IMAGENET, block_cls=Bottleneck, stage_sizes=(3, 4, 6, 3),
+           block_kwargs={'base_width': 128}))
+  for depth in (20, 32, 44, 56, 110):
+    n = (depth - 2) // 6
+    reg[f'cifar_resnet{depth}'] = _Entry(
+        f'CIFAR ResNet-{depth} (He et al. 2016 section 4.2, 6n+2 with n={n})',
+        dict(_CIFAR, stage_sizes=(n, n, n)), num_classes=10)
+  return reg
+
+
+_REGISTRY = _build_registry()
+
+# Overrides that are not ResNet fields but are resolved here.
+_BLOCK_OPTIONS = ('shortcut', 'stride_in_1x1', 'groups', 'base_width')
+
+
+def available_models() -> list[str]:
+  """The names `create_model` accepts."""
+  return list(_REGISTRY)
+
+
+def model_defaults(name: str) -> dict[str, Any]:
+  """Description and default number of classes of a registered model."""
+  entry = _lookup(name)
+  return {'description': entry.description, 'num_classes': entry.num_classes}
+
+
+def _lookup(name: str) -> _Entry:
+  if name not in _REGISTRY:
+    raise UserError(f'unknown model {name!r}; choose one of: '
+                    f'{", ".join(_REGISTRY)}')
+  return _REGISTRY[name]
+
+
+def create_model(name: str, num_classes: int | None = None, *,
+                 conv_impl: str = 'xla', width: int | None = None,
+                 **overrides: Any) -> ResNet:
+  """Builds a registered model.
+
+  Args:
+    name: one of `available_models()`.
+    num_classes: logits size; defaults to the model's (1000 for the ImageNet
+      family, 10 for the textbook and CIFAR models).
+    conv_impl: 'xla' (nn.Conv), 'auto' or another name from
+      `resnet_jax.conv.CONV_IMPLS`: the fast CPU path produces the same
+      parameters and outputs.
+    width: stem width; stage widths scale with it (64 -> 64/128/256/512 for
+      the ImageNet family, 16 -> 16/32/64 for CIFAR), for narrow variants.
+    **overrides: `ResNet` fields (dtype, zero_init_residual, bn_momentum, ...)
+      or block options (shortcut='A'|'B', stride_in_1x1, groups, base_width).
+  """
+  entry = _lookup(name)
+  fields = dict(entry.fields)
+  fields['block_kwargs'] = dict(fields.get('block_kwargs', {}))
+  for key in _BLOCK_OPTIONS:
+    if key in overrides:
+      fields['block_kwargs'][key] = overrides.pop(key)
+  unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ResNet)}
+                   - {'parent', 'name'})
+  if unknown:
+    raise UserError(f'unknown model option(s) {", ".join(unknown)} for '
+                    f'{name!r}; valid: {", ".join(_valid_options())}')
+  if width is not None:
+    base = fields.get('stem_width', 64)
+    widths = fields.get('stage_widths', ResNet.stage_widths)
+    fields['stage_widths'] = tuple(w * width // base for w in widths)
+    fields['stem_width'] = width
+  if conv_impl != 'xla':
+    from resnet_jax import conv  # pylint: disable=g-import-not-at-top
+    fields['conv'] = conv.get_conv(conv_impl)
+  fields.update(overrides)
+  return ResNet(num_classes=num_classes or entry.num_classes, **fields)
+
+
+def _valid_options() -> list[str]:
+  names = [f.name for f in dataclasses.fields(ResNet)
+           if f.name not in ('parent', 'name', 'stage_sizes', 'block_cls',
+                             'num_classes')]
+  return sorted(names + list(_BLOCK_OPTIONS) + ['conv_impl', 'width'])
