@@ -1,0 +1,232 @@
+"""Batch order, eval coverage, and loading real Fashion-MNIST offline."""
+
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from resnet_jax import input_pipeline as ip
+from resnet_jax.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FASHION_DIR = os.path.join(REPO, '..', 'shared', 'data', 'fashion_mnist')
+needs_fashion = pytest.mark.skipif(
+    not os.path.isdir(FASHION_DIR),
+    reason=f'Fashion-MNIST download files not found in {FASHION_DIR}')
+
+# ----------------------------------------------------------------- order
+
+
+def test_epoch_permutation_is_pure_function_of_seed_and_epoch():
+  a = ip.epoch_permutation(1000, seed=3, epoch=2)
+  np.testing.assert_array_equal(a, ip.epoch_permutation(1000, 3, 2))
+  np.testing.assert_array_equal(np.sort(a), np.arange(1000))
+  assert not np.array_equal(a, ip.epoch_permutation(1000, 3, 3))
+  assert not np.array_equal(a, ip.epoch_permutation(1000, 4, 2))
+  assert not np.array_equal(a, np.arange(1000))
+
+
+def test_train_batch_indices_cover_an_epoch_without_repeats():
+  batches = ip.train_batch_indices(1000, 64, seed=0, epoch=5)
+  assert batches.shape == (15, 64)  # 1000 // 64, incomplete batch dropped
+  assert len(np.unique(batches)) == 15 * 64
+  assert batches.max() < 1000
+  # The dropped examples differ between epochs.
+  other = ip.train_batch_indices(1000, 64, seed=0, epoch=6)
+  assert set(batches.ravel()) != set(other.ravel())
+  with pytest.raises(UserError, match='batch_size'):
+    ip.train_batch_indices(10, 64, seed=0, epoch=0)
+
+
+def test_resume_mid_epoch_gives_the_same_remaining_batches():
+  n, bs, seed = 500, 32, 7  # 15 steps per epoch
+  full = [b for _, (_, _, b) in zip(range(40), ip.train_index_stream(
+      n, bs, seed))]
+  for start in (0, 9, 15, 22):
+    resumed = [b for _, (_, _, b) in zip(range(40 - start),
+                                         ip.train_index_stream(
+                                             n, bs, seed, start_step=start))]
+    np.testing.assert_array_equal(np.stack(resumed), np.stack(full[start:]))
+  # Equivalent with train_batch_indices at (epoch, offset).
+  epoch, offset = divmod(22, 15)
+  np.testing.assert_array_equal(
+      ip.train_batch_indices(n, bs, seed, epoch)[offset:],
+      np.stack(full[22:30]))
+
+
+@pytest.mark.parametrize('n,bs', [(100, 10), (103, 10), (7, 10), (1, 1)])
+def test_eval_batches_count_each_example_once(n, bs):
+  batches = list(ip.eval_batches(n, bs))
+  assert len(batches) == ip.num_eval_batches(n, bs) == -(-n // bs)
+  counts = np.zeros(n, int)
+  for idx, mask in batches:
+    assert idx.shape == mask.shape == (bs,) and mask.dtype == bool
+    assert idx.min() >= 0 and idx.max() < n
+    np.add.at(counts, idx[mask], 1)
+  np.testing.assert_array_equal(counts, 1)
+  assert sum(m.sum() for _, m in batches) == n
+
+
+# ------------------------------------------------------------ offline errors
+
+
+def test_unprepared_dataset_offline_explains_how_to_prepare(tmp_path,
+                                                            monkeypatch):
+  # Never touch the network here, whatever machine runs the test.
+  monkeypatch.setattr(ip, '_network_reachable', lambda urls, **kw: False)
+  with pytest.raises(UserError) as e:
+    ip.load_in_memory('mnist', data_dir=str(tmp_path))
+  msg = str(e.value)
+  assert 'tfds_manual_dir' in msg and 'train-images-idx3-ubyte.gz' in msg
+  assert 'resnet_jax_cache' in msg
+  # An existing but empty manual dir: the same advice, still no download.
+  empty = tmp_path / 'manual'
+  empty.mkdir()
+  with pytest.raises(UserError, match='tfds_manual_dir'):
+    ip.load_in_memory('mnist', data_dir=str(tmp_path), manual_dir=str(empty))
+
+
+def test_missing_manual_dir_and_unknown_names(tmp_path):
+  with pytest.raises(UserError, match='does not exist'):
+    ip.load_in_memory('mnist', data_dir=str(tmp_path),
+                      manual_dir=str(tmp_path / 'nope'))
+  with pytest.raises(UserError, match='fashion_mnist.*cifar100'):
+    ip.load_in_memory('no_such_dataset_xyz', data_dir=str(tmp_path))
+  with pytest.raises(UserError, match='too large'):
+    ip.load_in_memory('imagenet2012', data_dir=str(tmp_path))
+
+
+def test_network_probe_is_bounded():
+  start = time.monotonic()
+  assert not ip._network_reachable(['https://host.invalid/f.gz'], timeout=2)
+  assert time.monotonic() - start < 10
+
+
+# ------------------------------------------------- real Fashion-MNIST
+
+
+@pytest.fixture(scope='module')
+def fashion(tmp_path_factory):
+  """Prepares Fashion-MNIST once (about 30 s) from the shared download files."""
+  if not os.path.isdir(FASHION_DIR):
+    pytest.skip(f'Fashion-MNIST download files not found in {FASHION_DIR}')
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  info, train, test = ip.load_in_memory('fashion_mnist', data_dir=data_dir,
+                                        manual_dir=FASHION_DIR)
+  return data_dir, info, train, test
+
+
+def _raw_idx(name):
+  with gzip.open(os.path.join(FASHION_DIR, name)) as f:
+    data = f.read()
+  return np.frombuffer(data, np.uint8, offset=16 if 'images' in name else 8)
+
+
+@needs_fashion
+def test_fashion_mnist_shapes_labels_and_class_names(fashion):
+  _, info, train, test = fashion
+  assert train.images.shape == (60000, 28, 28, 1)
+  assert test.images.shape == (10000, 28, 28, 1)
+  assert train.images.dtype == test.images.dtype == np.uint8
+  assert train.labels.dtype == np.int32
+  assert info.num_train == 60000 and info.num_eval == 10000
+  assert info.image_shape == (28, 28, 1) and info.num_classes == 10
+  assert info.in_memory
+  assert info.class_names == ('T-shirt/top', 'Trouser', 'Pullover', 'Dress',
+                              'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
+                              'Ankle boot')
+  np.testing.assert_array_equal(np.bincount(train.labels), [6000] * 10)
+  np.testing.assert_array_equal(np.bincount(test.labels), [1000] * 10)
+  # TFDS's fixed example order (its generator shuffles the raw files).
+  np.testing.assert_array_equal(train.labels[:10], [2, 1, 8, 4, 1, 9, 2, 2, 0,
+                                                    2])
+  np.testing.assert_array_equal(test.labels[:10], [4, 4, 9, 7, 5, 1, 0, 5, 7,
+                                                   4])
+
+
+@needs_fashion
+def test_fashion_mnist_pixels_match_the_download_files(fashion):
+  _, _, train, _ = fashion
+  raw_images = _raw_idx('train-images-idx3-ubyte.gz').reshape(60000, 784)
+  raw_labels = _raw_idx('train-labels-idx1-ubyte.gz')
+  by_bytes = {img.tobytes(): lab for img, lab in zip(raw_images, raw_labels)}
+  flat = train.images.reshape(60000, 784)
+  assert all(by_bytes.get(img.tobytes()) == lab
+             for img, lab in zip(flat, train.labels))
+  # The normalisation constants in preprocess.DATASET_STATS.
+  assert abs(train.images.mean() / 255 - 0.2860) < 1e-3
+  assert abs(train.images.std() / 255 - 0.3530) < 1e-3
+
+
+@needs_fashion
+def test_validation_holdout_is_the_tail_of_train(fashion):
+  data_dir, _, train, _ = fashion
+  info, tr, val = ip.load_in_memory('fashion_mnist', data_dir=data_dir,
+                                    validation_examples=5000)
+  assert tr.images.shape == (55000, 28, 28, 1)
+  assert val.images.shape == (5000, 28, 28, 1)
+  assert (info.num_train, info.num_eval) == (55000, 5000)
+  np.testing.assert_array_equal(val.images, train.images[55000:])
+  np.testing.assert_array_equal(tr.labels, train.labels[:55000])
+  with pytest.raises(UserError, match='validation_examples'):
+    ip.load_in_memory('fashion_mnist', data_dir=data_dir,
+                      validation_examples=60000)
+
+
+_NO_TF_LOADER = r'''
+import hashlib, json, sys
+class _Block:
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets'):
+      raise ImportError(f'{name} is blocked in this test')
+sys.meta_path.insert(0, _Block())
+from resnet_jax import input_pipeline as ip
+info, train, test = ip.load_in_memory(sys.argv[1])
+assert not any(m.startswith('tensorflow') for m in sys.modules)
+h = lambda a: hashlib.sha256(a.tobytes()).hexdigest()
+print(json.dumps({'info': repr(info), 'hashes': [h(train.images),
+      h(train.labels), h(test.images), h(test.labels)],
+      'dtypes': [str(train.images.dtype), str(train.labels.dtype)]}))
+'''
+
+
+@needs_fashion
+def test_cache_is_read_without_tensorflow(fashion):
+  data_dir, info, train, test = fashion
+  folder = ip.cache_dir('fashion_mnist', data_dir)
+  assert sorted(os.listdir(folder)) == ['info.json', 'test.npz', 'train.npz']
+  env = dict(os.environ, TFDS_DATA_DIR=data_dir, PYTHONPATH=REPO,
+             JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-c', _NO_TF_LOADER, 'fashion_mnist'],
+                       capture_output=True, text=True, env=env, timeout=120,
+                       check=False)
+  assert out.returncode == 0, out.stderr
+  got = json.loads(out.stdout.strip().splitlines()[-1])
+  h = lambda a: hashlib.sha256(a.tobytes()).hexdigest()
+  assert got['hashes'] == [h(train.images), h(train.labels), h(test.images),
+                           h(test.labels)]
+  assert got['info'] == repr(info)
+  assert got['dtypes'] == ['uint8', 'int32']
+
+
+@needs_fashion
+def test_cli_reports_the_cache(fashion, capsys, monkeypatch):
+  data_dir = fashion[0]
+  # The fixture already ran the preparation the CLI calls; skip redoing it.
+  monkeypatch.setattr(ip, 'prepare_cache',
+                      lambda name, data_dir, manual_dir: ip.cache_dir(
+                          name, data_dir))
+  assert ip.main(['--dataset', 'fashion_mnist', '--data_dir', data_dir]) == 0
+  folder, size = capsys.readouterr().out.split()[:2]
+  assert folder == ip.cache_dir('fashion_mnist', data_dir)
+  assert 10 < float(size) < 60  # MiB, compressed
+  monkeypatch.undo()
+  assert ip.main(['--dataset', 'no_such_dataset_xyz',
+                  '--data_dir', data_dir]) == 2
+  assert 'unknown dataset' in capsys.readouterr().err
