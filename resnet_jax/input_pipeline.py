@@ -306,6 +306,20 @@ def load_in_memory(
   return info, train, test
 
 
+def streaming_dataset(
+    name: str, split: str, *, batch_size_per_process: int, image_size: int,
+    train: bool, seed: int, data_dir: str | None = None,
+    manual_dir: str | None = None, epoch: int = 0,
+) -> Iterator[dict[str, np.ndarray]]:
+  """One epoch of uint8 batches through tf.data: see `resnet_jax.streaming`."""
+  # Imported here: the streaming module needs TensorFlow, this one must not.
+  from resnet_jax import streaming  # pylint: disable=g-import-not-at-top
+  return streaming.streaming_dataset(
+      name, split, batch_size_per_process=batch_size_per_process,
+      image_size=image_size, train=train, seed=seed, data_dir=data_dir,
+      manual_dir=manual_dir, epoch=epoch)
+
+
 # ------------------------------------------------------------ batch order
 
 

@@ -230,3 +230,76 @@ def test_cli_reports_the_cache(fashion, capsys, monkeypatch):
   assert ip.main(['--dataset', 'no_such_dataset_xyz',
                   '--data_dir', data_dir]) == 2
   assert 'unknown dataset' in capsys.readouterr().err
+
+
+# ------------------------------------------------ streaming (tf.data) path
+
+
+@pytest.fixture
+def mock_imagenet(monkeypatch):
+  """imagenet2012 under tfds.testing.mock_data: random JPEGs of random size."""
+  tfds = pytest.importorskip('tensorflow_datasets')
+  # The mock makes download_and_prepare a no-op; skip the network probe too.
+  monkeypatch.setattr(ip, '_network_reachable', lambda urls, **kw: True)
+  with tfds.testing.mock_data(num_examples=21):
+    yield
+
+
+def _stream(train, seed=0, epoch=0):
+  return list(ip.streaming_dataset(
+      'imagenet2012', 'train' if train else 'validation',
+      batch_size_per_process=4, image_size=32, train=train, seed=seed,
+      epoch=epoch))
+
+
+def test_streaming_train_batches_are_deterministic(mock_imagenet):
+  from resnet_jax import streaming  # pylint: disable=g-import-not-at-top
+  info = streaming.streaming_info('imagenet2012')
+  assert (info.num_classes, info.image_shape, info.in_memory) == (
+      1000, (0, 0, 3), False)
+  assert streaming.is_streaming('imagenet2012')
+  batches = _stream(train=True)
+  assert len(batches) == 5  # 21 // 4, incomplete batch dropped
+  for b in batches:
+    assert b['image'].shape == (4, 32, 32, 3) and b['image'].dtype == np.uint8
+    assert b['label'].shape == (4,) and b['label'].dtype == np.int32
+  same = _stream(train=True)
+  for a, b in zip(batches, same):
+    np.testing.assert_array_equal(a['image'], b['image'])
+  other = _stream(train=True, epoch=1)
+  assert not all(np.array_equal(a['image'], b['image'])
+                 for a, b in zip(batches, other))
+
+
+def test_streaming_eval_pads_the_last_batch(mock_imagenet):
+  batches = _stream(train=False)
+  assert len(batches) == 6  # ceil(21 / 4)
+  masks = np.stack([b['mask'] for b in batches])
+  assert masks.sum() == 21 and masks[:5].all()
+  np.testing.assert_array_equal(masks[-1], [True, False, False, False])
+  assert all(b['image'].shape == (4, 32, 32, 3) for b in batches)
+  np.testing.assert_array_equal(batches[-1]['image'][1:], 0)
+
+
+def test_streaming_decoders_on_png_and_jpeg():
+  from resnet_jax import streaming  # pylint: disable=g-import-not-at-top
+  tf, _ = ip.import_tfds()
+  # 64x48 image: black border, white centre; the eval crop keeps the centre.
+  image = np.zeros((64, 48, 3), np.uint8)
+  image[12:52, 4:44] = 255
+  for encoded in (tf.io.encode_png(image), tf.io.encode_jpeg(image,
+                                                             quality=100)):
+    centre = streaming._eval_decode(tf, 16)(encoded).numpy()
+    assert centre.shape == (16, 16, 3) and centre.dtype == np.uint8
+    assert centre.min() > 240  # crop 16/48 of 48 = 16 px square in the centre
+    crop = streaming._train_decode(tf, 24)(encoded, tf.constant([1, 2],
+                                                                tf.int64))
+    assert crop.shape == (24, 24, 3) and crop.dtype == tf.uint8
+
+
+def test_eval_batches_per_process_equal_for_uneven_shards():
+  from resnet_jax import streaming  # pylint: disable=g-import-not-at-top
+  # 50000 over 3 processes: shards 16667/16667/16666 -> 17 batches of 1000.
+  assert streaming.eval_batches_per_process(50000, 3, 1000) == 17
+  assert streaming.eval_batches_per_process(21, 1, 4) == 6
+  assert streaming.eval_batches_per_process(8, 2, 4) == 1
