@@ -1,0 +1,160 @@
+"""Per-layer profile of the convolution implementations on XLA's CPU backend.
+
+Usage (from the repo root):
+  python benchmarks/profile_conv.py [--nets r18_96,r20_32] [--reps 5]
+
+For every distinct conv layer shape of the network it times, separately and
+with jit + warm-up + median of --reps calls: the forward convolution (fwd), the
+input gradient (dgrad) and the weight gradient (wgrad), for each
+implementation, and prints ms per call and GFLOP/s. Then it adds the per-layer
+times up over the network (times the number of layers of each shape), times
+BatchNorm forward+backward on every activation, and the whole train step, so
+the step splits into conv fwd / dgrad / wgrad / BatchNorm / rest.
+
+Findings: see the summary at the bottom of this docstring (filled in from runs
+of this script on the 2-core Zen 3 development machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+
+from resnet_jax import conv  # noqa: E402
+
+# (H, W, Cin, Cout, k, stride, pad, count) per layer shape.
+Layer = collections.namedtuple('Layer', 'h w cin cout k s p count')
+
+NETS = {
+    # d2l "textbook" ResNet-18 at 96x96x1, batch 256.
+    'r18_96': (256, [
+        Layer(96, 96, 1, 64, 7, 2, 3, 1),
+        Layer(24, 24, 64, 64, 3, 1, 1, 4),
+        Layer(24, 24, 64, 128, 3, 2, 1, 1),
+        Layer(24, 24, 64, 128, 1, 2, 0, 1),
+        Layer(12, 12, 128, 128, 3, 1, 1, 3),
+        Layer(12, 12, 128, 256, 3, 2, 1, 1),
+        Layer(12, 12, 128, 256, 1, 2, 0, 1),
+        Layer(6, 6, 256, 256, 3, 1, 1, 3),
+        Layer(6, 6, 256, 512, 3, 2, 1, 1),
+        Layer(6, 6, 256, 512, 1, 2, 0, 1),
+        Layer(3, 3, 512, 512, 3, 1, 1, 3),
+    ]),
+    # CIFAR ResNet-20 at 32x32x3, batch 128 (option-A shortcuts: no 1x1 convs).
+    'r20_32': (128, [
+        Layer(32, 32, 3, 16, 3, 1, 1, 1),
+        Layer(32, 32, 16, 16, 3, 1, 1, 6),
+        Layer(32, 32, 16, 32, 3, 2, 1, 1),
+        Layer(16, 16, 32, 32, 3, 1, 1, 5),
+        Layer(16, 16, 32, 64, 3, 2, 1, 1),
+        Layer(8, 8, 64, 64, 3, 1, 1, 5),
+    ]),
+    # torchvision ResNet-18 at 32x32x3, batch 128.
+    'r18_32': (128, [
+        Layer(32, 32, 3, 64, 7, 2, 3, 1),
+        Layer(8, 8, 64, 64, 3, 1, 1, 4),
+        Layer(8, 8, 64, 128, 3, 2, 1, 1),
+        Layer(8, 8, 64, 128, 1, 2, 0, 1),
+        Layer(4, 4, 128, 128, 3, 1, 1, 3),
+        Layer(4, 4, 128, 256, 3, 2, 1, 1),
+        Layer(4, 4, 128, 256, 1, 2, 0, 1),
+        Layer(2, 2, 256, 256, 3, 1, 1, 3),
+        Layer(2, 2, 256, 512, 3, 2, 1, 1),
+        Layer(2, 2, 256, 512, 1, 2, 0, 1),
+        Layer(1, 1, 512, 512, 3, 1, 1, 3),
+    ]),
+}
+
+
+def bench(fn, *args, reps: int) -> float:
+  """Median seconds per call of jitted fn after one warm-up call."""
+  fn = jax.jit(fn)
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def xla_conv(x, w, s, pads):
+  return lax.conv_general_dilated(x, w, (s, s), pads,
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def layer_ops(layer: Layer, batch: int):
+  """{impl: {op: (fn, args)}} for one layer shape."""
+  kx, kw_, kd = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(kx, (batch, layer.h, layer.w, layer.cin))
+  w = jax.random.normal(kw_, (layer.k, layer.k, layer.cin, layer.cout))
+  pads = ((layer.p, layer.p), (layer.p, layer.p))
+  s = layer.s
+  y_shape = jax.eval_shape(lambda x, w: xla_conv(x, w, s, pads), x, w).shape
+  dy = jax.random.normal(kd, y_shape)
+  ops = {}
+  ops['xla'] = {
+      'fwd': (lambda x, w: xla_conv(x, w, s, pads), (x, w)),
+      'dgrad': (lambda w, dy: jax.linear_transpose(
+          lambda x: xla_conv(x, w, s, pads), x)(dy)[0], (w, dy)),
+      'wgrad': (lambda x, dy: jax.linear_transpose(
+          lambda w: xla_conv(x, w, s, pads), w)(dy)[0], (x, dy)),
+  }
+  fwd, bwd = conv._patch_conv_fwd, conv._patch_conv_bwd  # pylint: disable=protected-access
+  ops['patches'] = {
+      'fwd': (lambda x, w: conv.patch_conv(x, w, (s, s), pads), (x, w)),
+      'dgrad': (lambda x, w, dy: bwd((s, s), pads, None, (x, w), dy)[0], (x, w, dy)),
+      'wgrad': (lambda x, w, dy: bwd((s, s), pads, None, (x, w), dy)[1], (x, w, dy)),
+  }
+  del fwd
+  return ops
+
+
+def profile_layers(net: str, reps: int) -> dict:
+  batch, layers = NETS[net]
+  totals = collections.defaultdict(float)
+  print(f'\n== {net}: batch {batch} ==')
+  print(f'{"layer":>28} {"impl":>8} ' + ' '.join(f'{op + " ms":>9} {"GF/s":>5}'
+                                                 for op in ('fwd', 'dgrad', 'wgrad')))
+  for layer in layers:
+    ho = (layer.h + 2 * layer.p - layer.k) // layer.s + 1
+    flops = 2 * batch * ho * ho * layer.k * layer.k * layer.cin * layer.cout
+    name = f'{layer.h}x{layer.w} {layer.cin}->{layer.cout} k{layer.k}s{layer.s} x{layer.count}'
+    for impl, ops in layer_ops(layer, batch).items():
+      cells = []
+      for op, (fn, args) in ops.items():
+        t = bench(fn, *args, reps=reps)
+        totals[(impl, op)] += t * layer.count
+        cells.append(f'{t * 1e3:9.2f} {flops / t / 1e9:5.0f}')
+      print(f'{name:>28} {impl:>8} ' + ' '.join(cells))
+  return totals
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--nets', default='r18_96,r20_32')
+  parser.add_argument('--reps', type=int, default=5)
+  args = parser.parse_args()
+  print(f'jax {jax.__version__} backend {jax.default_backend()}')
+  for net in args.nets.split(','):
+    totals = profile_layers(net, args.reps)
+    for impl in ('xla', 'patches'):
+      parts = {op: totals[(impl, op)] for op in ('fwd', 'dgrad', 'wgrad')}
+      print(f'{net} {impl:>8} conv totals per step: ' + ', '.join(
+          f'{op} {t * 1e3:.0f} ms' for op, t in parts.items())
+            + f', sum {sum(parts.values()) * 1e3:.0f} ms')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,213 @@
+"""Convolution modules: XLA's own, and a patches-plus-matmul fast path for CPU.
+
+XLA's CPU backend runs a 2-D matmul at close to the machine's peak, but its
+convolutions much slower, and the weight-gradient convolution slowest of all
+(8-29 GFLOP/s against ~140 for a large matmul on 2 Zen 3 cores). `PatchConv`
+therefore writes a convolution as
+
+    y = patches(x) @ W        patches: (N*Ho*Wo, kh*kw*Cin), W: (kh*kw*Cin, Cout)
+
+where patches(x) concatenates the kh*kw shifted (strided) views of the padded
+input along channels, and gives it a custom VJP that again uses one matmul each:
+
+    dW = patches(x)^T @ dy    (patches recomputed from x: only x is kept)
+    dx = col2im(dy @ W^T)     (sum of the kh*kw shifted pads of dy @ W^T)
+
+The parameters ('kernel' HWIO, 'bias') have the names, shapes and initialisers
+of `flax.linen.Conv`, so checkpoints are interchangeable between
+implementations. See benchmarks/profile_conv.py for the measurements behind the
+choices made here.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen import dtypes as flax_dtypes
+from flax.linen import linear as flax_linear
+from jax import lax
+
+from resnet_jax.errors import UserError
+
+CONV_IMPLS = ('auto', 'xla', 'patches')
+
+Pads = tuple[tuple[int, int], tuple[int, int]]
+
+
+def resolve_conv_impl(impl: str) -> str:
+  """Returns the concrete implementation 'auto' stands for here ('xla' or 'patches')."""
+  if impl not in CONV_IMPLS:
+    raise UserError(
+        f'unknown conv_impl {impl!r}: choose one of {", ".join(CONV_IMPLS)}')
+  if impl == 'auto':
+    # Only XLA's CPU convolutions are slow; GPU/TPU convolutions are not.
+    return 'patches' if jax.default_backend() == 'cpu' else 'xla'
+  return impl
+
+
+def get_conv(impl: str = 'auto') -> type[nn.Module]:
+  """Module class with nn.Conv's constructor and parameters for `impl`.
+
+  'xla' is `flax.linen.Conv` itself; 'patches' is `PatchConv`; 'auto' is
+  'patches' on the CPU backend and 'xla' elsewhere. An unknown name raises
+  `UserError` listing `CONV_IMPLS`.
+  """
+  return {'xla': nn.Conv, 'patches': PatchConv}[resolve_conv_impl(impl)]
+
+
+def extract_patches(x: jax.Array, kernel_size: tuple[int, int],
+                    strides: tuple[int, int], pads: Pads) -> jax.Array:
+  """(N, H, W, C) -> (N, Ho, Wo, kh*kw*C), ordered (i, j, c) like an HWIO kernel.
+
+  Built from kh*kw strided slices of the padded input (cheap copies that XLA
+  fuses into one concatenate) rather than lax.conv_general_dilated_patches,
+  which is itself a convolution and orders features channel-major.
+  """
+  (kh, kw), (sh, sw) = kernel_size, strides
+  xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  ho = (xp.shape[1] - kh) // sh + 1
+  wo = (xp.shape[2] - kw) // sw + 1
+  views = [
+      lax.slice(xp, (0, i, j, 0),
+                (xp.shape[0], i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, xp.shape[3]),
+                (1, sh, sw, 1))
+      for i in range(kh) for j in range(kw)
+  ]
+  return views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
+
+
+def _col2im(dpatches: jax.Array, x_shape: tuple[int, ...], kernel_size: tuple[int, int],
+            strides: tuple[int, int], pads: Pads) -> jax.Array:
+  """Transpose of `extract_patches`: scatters (N, Ho, Wo, kh*kw*C) back onto x."""
+  (kh, kw), (sh, sw) = kernel_size, strides
+  n, h, w, c = x_shape
+  hp, wp = h + sum(pads[0]), w + sum(pads[1])
+  _, ho, wo, _ = dpatches.shape
+  total = None
+  for i in range(kh):
+    for j in range(kw):
+      k = i * kw + j
+      view = dpatches[..., k * c:(k + 1) * c]
+      # Interior padding undoes the stride; edge padding puts the view at (i, j).
+      hi_h = hp - i - (ho - 1) * sh - 1
+      hi_w = wp - j - (wo - 1) * sw - 1
+      placed = lax.pad(view, jnp.zeros((), view.dtype),
+                       ((0, 0, 0), (i, hi_h, sh - 1), (j, hi_w, sw - 1), (0, 0, 0)))
+      total = placed if total is None else total + placed
+  (pt, _), (pl, _) = pads
+  return total[:, pt:pt + h, pl:pl + w, :]
+
+
+def _matmul(a: jax.Array, b: jax.Array, contract: tuple[int, int],
+            precision: lax.PrecisionLike) -> jax.Array:
+  return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                         precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def patch_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads,
+               precision: lax.PrecisionLike = None) -> jax.Array:
+  """2-D NHWC convolution with an HWIO kernel, as one matmul over patches."""
+  kh, kw, cin, cout = kernel.shape
+  p = extract_patches(x, (kh, kw), strides, pads)
+  y = _matmul(p.reshape(-1, kh * kw * cin), kernel.reshape(-1, cout), (1, 0), precision)
+  return y.reshape(p.shape[:3] + (cout,))
+
+
+def _patch_conv_fwd(x, kernel, strides, pads, precision):
+  # Keep x, not its patches (up to kh*kw times larger): the backward pass
+  # recomputes them, which costs a copy, not a matmul.
+  return patch_conv(x, kernel, strides, pads, precision), (x, kernel)
+
+
+def _patch_conv_bwd(strides, pads, precision, res, dy):
+  x, kernel = res
+  kh, kw, cin, cout = kernel.shape
+  dy2 = dy.reshape(-1, cout)
+  p = extract_patches(x, (kh, kw), strides, pads).reshape(-1, kh * kw * cin)
+  dkernel = _matmul(p, dy2, (0, 0), precision).reshape(kernel.shape)
+  dp = _matmul(dy2, kernel.reshape(-1, cout), (1, 1), precision)
+  dx = _col2im(dp.reshape(dy.shape[:3] + (kh * kw * cin,)), x.shape, (kh, kw), strides, pads)
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+patch_conv.defvjp(_patch_conv_fwd, _patch_conv_bwd)
+
+
+class Conv(nn.Conv):
+  """`flax.linen.Conv` computed as patches @ kernel (fast on XLA's CPU backend).
+
+  Named `Conv` so that Flax auto-names its instances 'Conv_0', 'Conv_1', ...
+  exactly like nn.Conv's, which keeps parameter trees interchangeable.
+
+  Same fields, parameters and numbers as nn.Conv. Configurations the matmul
+  form does not cover (grouped or dilated convolutions, negative padding) use
+  lax.conv_general_dilated on the same parameters; padding modes other than
+  'SAME', 'VALID' and explicit integers, masks and non-2-D inputs raise.
+  """
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    kernel_size = ((self.kernel_size,) * 2 if isinstance(self.kernel_size, int)
+                   else tuple(self.kernel_size))
+    if len(kernel_size) != 2 or self.mask is not None:
+      raise UserError('conv_impl="patches" supports 2-D convolutions without '
+                      'masks only: use conv_impl="xla" for this layer')
+    strides, input_dilation, kernel_dilation = (
+        _pair(v) for v in (self.strides, self.input_dilation, self.kernel_dilation))
+
+    batch_shape = inputs.shape[:-3]
+    x = inputs.reshape((-1,) + inputs.shape[-3:])
+    in_features = x.shape[-1]
+    if in_features % self.feature_group_count:
+      raise UserError(f'input features {in_features} are not divisible by '
+                      f'feature_group_count={self.feature_group_count}')
+    kernel = self.param(
+        'kernel', self.kernel_init,
+        kernel_size + (in_features // self.feature_group_count, self.features),
+        self.param_dtype)
+    bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    x, kernel, bias = flax_dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+
+    pads = _explicit_padding(self.padding, x.shape[1:3], kernel_size, strides,
+                             kernel_dilation)
+    if (self.feature_group_count == 1 and input_dilation == (1, 1)
+        and kernel_dilation == (1, 1) and min(min(pads)) >= 0):
+      y = patch_conv(x, kernel, strides, pads, self.precision)
+    else:
+      y = lax.conv_general_dilated(
+          x, kernel, strides, pads, lhs_dilation=input_dilation,
+          rhs_dilation=kernel_dilation, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+          feature_group_count=self.feature_group_count, precision=self.precision)
+    if bias is not None:
+      y = y + bias
+    return y.reshape(batch_shape + y.shape[1:])
+
+
+PatchConv = Conv
+
+
+def _pair(value: None | int | Sequence[int]) -> tuple[int, int]:
+  if value is None:
+    return (1, 1)
+  if isinstance(value, int):
+    return (value, value)
+  return tuple(value)
+
+
+def _explicit_padding(padding, spatial: tuple[int, int], kernel_size: tuple[int, int],
+                      strides: tuple[int, int], dilation: tuple[int, int]) -> Pads:
+  """nn.Conv's padding argument as ((top, bottom), (left, right))."""
+  padding = flax_linear.canonicalize_padding(padding, 2)
+  if isinstance(padding, str):
+    if padding not in ('SAME', 'VALID'):
+      raise UserError(f'conv_impl="patches" does not support padding={padding!r}: '
+                      'use conv_impl="xla" for this layer')
+    dilated = tuple((k - 1) * d + 1 for k, d in zip(kernel_size, dilation))
+    padding = lax.padtype_to_pads(spatial, dilated, strides, padding)
+  return tuple(tuple(int(v) for v in p) for p in padding)

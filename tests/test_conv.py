@@ -1,0 +1,152 @@
+"""The fast convolution path computes what flax.linen.Conv computes, with its parameters."""
+
+import functools
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from resnet_jax import conv
+from resnet_jax.errors import UserError
+
+STRIDES = (1, 2)
+PADDINGS = ('SAME', 1, ((2, 1), (0, 3)), 'VALID')
+
+
+def _pair_of_convs(impl: str, **kwargs) -> tuple[nn.Module, nn.Module]:
+  return nn.Conv(**kwargs), conv.get_conv(impl)(**kwargs)
+
+
+def _rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12))
+
+
+def _values_and_grads(module: nn.Module, variables, x, cot):
+  """(y, d<y, cot>/d(variables, x)) in one jitted call: compiling is the slow part."""
+  loss = lambda v, x: jnp.sum(module.apply(v, x).astype(jnp.float32) * cot)
+  return jax.jit(lambda v, x: (module.apply(v, x), jax.grad(loss, argnums=(0, 1))(v, x)))(
+      variables, x)
+
+
+# 3x3: every stride x padding; 1x1 and 7x7 as ResNets use them; groups and
+# bias on a subset. Few cases, because compiling each takes seconds on 2 cores.
+CASES = [(3, s, p, 1, True) for s, p in itertools.product(STRIDES, PADDINGS)]
+CASES += [(1, 1, 'SAME', 1, True), (1, 2, 0, 1, False), (1, 2, 'VALID', 1, True),
+          (7, 2, 3, 1, True), (7, 1, ((2, 1), (0, 3)), 1, False)]
+CASES += [(3, 1, 'SAME', 2, False), (3, 2, 1, 2, True), (1, 2, 'SAME', 2, False)]
+
+
+@pytest.mark.parametrize('kernel,stride,padding,groups,use_bias', CASES)
+def test_matches_flax_conv_values_and_gradients(kernel, stride, padding, groups, use_bias):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 8, 4))
+  reference, patches = _pair_of_convs(
+      'patches', features=6, kernel_size=(kernel, kernel), strides=stride,
+      padding=padding, feature_group_count=groups, use_bias=use_bias)
+  variables = reference.init(jax.random.PRNGKey(1), x)
+  assert (jax.tree.map(jnp.shape, variables)
+          == jax.tree.map(jnp.shape, patches.init(jax.random.PRNGKey(1), x)))
+  if use_bias:  # Non-zero bias so that it shows in the output.
+    variables = jax.tree.map(lambda v: v + 0.1, variables)
+  # A fixed random cotangent, so that no gradient entry is trivially symmetric.
+  cot = jax.random.normal(jax.random.PRNGKey(2), jax.eval_shape(reference.apply, variables, x).shape)
+
+  y_ref, g_ref = _values_and_grads(reference, variables, x, cot)
+  y, g = _values_and_grads(patches, variables, x, cot)
+  assert y.shape == y_ref.shape
+  assert _rel_err(y_ref, y) < 1e-5
+  assert jax.tree.structure(g) == jax.tree.structure(g_ref)
+  for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g)):
+    assert _rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize('kernel,stride', [(3, 1), (3, 2), (1, 2)])
+def test_bfloat16_compute_matches_flax_conv(kernel, stride):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 8))
+  reference, patches = _pair_of_convs(
+      'patches', features=8, kernel_size=(kernel, kernel), strides=stride,
+      dtype=jnp.bfloat16)
+  variables = reference.init(jax.random.PRNGKey(1), x)
+  y_ref, y = jax.jit(reference.apply)(variables, x), jax.jit(patches.apply)(variables, x)
+  assert y.dtype == y_ref.dtype == jnp.bfloat16
+  assert _rel_err(y_ref, y) < 2e-2  # bf16 has 8 bits of mantissa.
+  cot = jnp.ones(y_ref.shape, jnp.float32)
+  _, g_ref = _values_and_grads(reference, variables, x, cot)
+  _, g = _values_and_grads(patches, variables, x, cot)
+  for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g)):
+    assert a.dtype == b.dtype
+    assert _rel_err(a, b) < 2e-2
+
+
+def test_extra_batch_dimensions_and_unbatched_input_match_flax_conv():
+  reference, patches = _pair_of_convs('patches', features=3, kernel_size=(3, 3))
+  for shape in ((5, 5, 2), (2, 3, 5, 5, 2)):
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    variables = reference.init(jax.random.PRNGKey(1), x)
+    y_ref, y = jax.jit(reference.apply)(variables, x), jax.jit(patches.apply)(variables, x)
+    assert _rel_err(y_ref, y) < 1e-5
+
+
+def test_auto_resolves_to_patches_on_cpu_and_xla_is_flax_conv():
+  assert jax.default_backend() == 'cpu'
+  assert conv.resolve_conv_impl('auto') == 'patches'
+  assert conv.get_conv('auto') is conv.PatchConv
+  assert conv.get_conv('xla') is nn.Conv
+  assert set(conv.CONV_IMPLS) >= {'auto', 'xla', 'patches'}
+
+
+def test_unknown_impl_is_a_user_error_naming_the_choices():
+  with pytest.raises(UserError, match='auto, xla, patches'):
+    conv.get_conv('winograd')
+
+
+def test_unsupported_padding_mode_is_a_user_error():
+  module = conv.PatchConv(features=2, kernel_size=(3, 3), padding='CIRCULAR')
+  with pytest.raises(UserError, match='conv_impl="xla"'):
+    module.init(jax.random.PRNGKey(0), jnp.ones((1, 4, 4, 1)))
+
+
+class _TinyResNet(nn.Module):
+  """Stem conv + BN + one residual block with a strided 1x1 shortcut + head."""
+  conv_cls: type[nn.Module]
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    bn = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
+    x = nn.relu(bn()(self.conv_cls(8, (7, 7), strides=2, padding=3)(x)))
+    y = nn.relu(bn()(self.conv_cls(16, (3, 3), strides=2, padding=((1, 1), (1, 1)),
+                                   use_bias=False)(x)))
+    y = bn()(self.conv_cls(16, (3, 3), use_bias=False)(y))
+    shortcut = self.conv_cls(16, (1, 1), strides=2)(x)
+    return nn.Dense(10)(jnp.mean(nn.relu(y + shortcut), axis=(1, 2)))
+
+
+def test_one_sgd_step_of_a_small_resnet_is_the_same_with_both_impls():
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
+  labels = jnp.arange(4) % 10
+  init = _TinyResNet(nn.Conv).init(jax.random.PRNGKey(1), x)
+  tx = optax.sgd(0.1, momentum=0.9)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def step(impl):
+    model = _TinyResNet(conv.get_conv(impl))
+
+    def loss_fn(params):
+      logits, updates = model.apply({**init, 'params': params}, x, mutable=['batch_stats'])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return loss, updates
+
+    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(init['params'])
+    new_params = optax.apply_updates(init['params'], tx.update(grads, tx.init(grads))[0])
+    return loss, new_params, updates['batch_stats']
+
+  loss_x, params_x, stats_x = step('xla')
+  loss_p, params_p, stats_p = step('patches')
+  assert abs(float(loss_x) - float(loss_p)) <= 1e-5 * abs(float(loss_x))
+  for a, b in zip(jax.tree.leaves((params_x, stats_x)), jax.tree.leaves((params_p, stats_p))):
+    # atol: a conv bias right before BatchNorm gets a gradient of only ~1e-10 (rounding noise).
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
