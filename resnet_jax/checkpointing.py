@@ -1,0 +1,179 @@
+"""Orbax checkpoints: everything needed to continue a run, and nothing lost.
+
+A checkpoint is a step folder `<workdir>/checkpoints/<step>/` with two items:
+`state` (params, batch_stats, optimizer state, step and RNG key data) and
+`meta` (JSON: step, epoch, offset in the epoch, the resolved config and the
+test metrics if the step was evaluated). Orbax writes a step into a temporary
+folder and renames it when complete, so a kill during an (asynchronous) save
+never leaves a half checkpoint that a restore would pick. Kept: the last
+`keep` steps plus the best by test accuracy.
+"""
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import serialization
+
+from resnet_jax.errors import UserError
+
+CHECKPOINT_DIR = 'checkpoints'
+
+
+def _state_dict(state: Any) -> dict[str, Any]:
+  return {k: v for k, v in serialization.to_state_dict(state).items()}
+
+
+def _abstract(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+  """Restore targets: shapes and dtypes of `tree`, placed with `sharding`."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+class Checkpointer:
+  """Saves and restores training state in one workdir."""
+
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
+    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    policies = ocp.checkpoint_managers
+    preservation = policies.AnyPreservationPolicy([
+        policies.LatestN(n=max(keep, 1)),
+        policies.BestN(get_metric_fn=lambda m: m['test_accuracy'],
+                       reverse=True, n=1,
+                       keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=preservation, create=not read_only,
+        enable_async_checkpointing=async_save, read_only=read_only)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()})
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, state: Any, meta: dict[str, Any],
+           metrics: dict[str, float] | None = None) -> None:
+    """Starts an (asynchronous) save of `state` at its step."""
+    step = int(jax.device_get(state.step))
+    self._manager.save(
+        step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_state_dict(state)),
+            meta=ocp.args.JsonSave(dict(meta, step=step))),
+        metrics=metrics, force=True)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def restore(self, target: Any, sharding: jax.sharding.Sharding,
+              step: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """Restores into the structure of `target` (a TrainState).
+
+    Without `step`, the latest checkpoint that reads back; a corrupt or
+    incomplete one is skipped with a warning (nothing is deleted).
+    """
+    steps = self.all_steps()
+    if step is not None:
+      if step not in steps:
+        raise UserError(f'no checkpoint at step {step} in {self.directory}; '
+                        f'available: {steps or "none"}')
+      candidates = [step]
+    else:
+      candidates = steps[::-1]
+    if not candidates:
+      raise UserError(f'no checkpoint in {self.directory}')
+    template = _state_dict(target)
+    check_compatible(self._read_shapes(candidates[0]) or {}, template)
+    errors = []
+    for s in candidates:
+      try:
+        restored = self._manager.restore(s, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(template, sharding)),
+            meta=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('checkpoint at step %d in %s is unreadable (%s: %s); '
+                        'trying the previous one', s, self.directory,
+                        type(e).__name__, str(e).splitlines()[0][:200])
+        errors.append(s)
+        continue
+      state = serialization.from_state_dict(target, restored['state'])
+      return state, dict(restored['meta'])
+    raise UserError(f'no readable checkpoint in {self.directory} (tried steps '
+                    f'{errors}); start a new workdir or fix the files')
+
+  def restore_variables(self, step: int | None = None) -> tuple[dict, dict]:
+    """params and batch_stats as host arrays (for warm starts and export)."""
+    steps = self.all_steps()
+    if not steps:
+      raise UserError(f'no checkpoint in {self.directory}')
+    s = steps[-1] if step is None else step
+    if s not in steps:
+      raise UserError(f'no checkpoint at step {s} in {self.directory}; '
+                      f'available: {steps}')
+    restored = self._manager.restore(s, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    state = restored['state']
+    variables = {'params': state['params'],
+                 'batch_stats': state.get('batch_stats', {})}
+    return variables, dict(restored['meta'])
+
+  def _read_shapes(self, step: int) -> dict[str, Any] | None:
+    """Shapes stored for `step`, to name the first mismatch before restoring."""
+    try:
+      meta = self._manager.item_metadata(step)
+      tree = meta['state'].tree if hasattr(meta['state'], 'tree') else meta['state']
+      return jax.tree.map(lambda m: tuple(m.shape), dict(tree),
+                          is_leaf=lambda m: hasattr(m, 'shape'))
+    except Exception:  # pylint: disable=broad-except
+      return None
+
+
+def check_compatible(stored: dict[str, Any], expected: dict[str, Any],
+                     sections: tuple[str, ...] = ('params', 'batch_stats')
+                     ) -> None:
+  """Raises UserError naming the first parameter whose path or shape differs."""
+  for section in sections:
+    if section not in stored or section not in expected:
+      continue
+    have = _flatten(stored[section], section)
+    want = _flatten(expected[section], section)
+    for path, shape in want.items():
+      if path not in have:
+        raise UserError(f'checkpoint does not fit the model: {path} {shape} is '
+                        'missing from the checkpoint (another architecture?)')
+      if tuple(have[path]) != tuple(shape):
+        raise UserError(f'checkpoint does not fit the model: {path} has shape '
+                        f'{tuple(have[path])} in the checkpoint but '
+                        f'{tuple(shape)} in the model (another architecture '
+                        'or number of classes?)')
+    for path in have:
+      if path not in want:
+        raise UserError(f'checkpoint does not fit the model: {path} '
+                        f'{tuple(have[path])} is in the checkpoint but not in '
+                        'the model (another architecture?)')
+
+
+def _flatten(tree: Any, prefix: str) -> dict[str, tuple[int, ...]]:
+  flat = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: isinstance(x, tuple) or hasattr(x, 'shape'))[0]:
+    key = '/'.join([prefix] + [str(getattr(p, 'key', p)) for p in path])
+    flat[key] = tuple(leaf if isinstance(leaf, tuple) else leaf.shape)
+  return flat
+
+
+def write_config(workdir: str, config_dict: dict[str, Any]) -> None:
+  path = os.path.join(workdir, 'config.json')
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(config_dict, f, indent=2, sort_keys=True, default=str)
+  os.replace(tmp, path)

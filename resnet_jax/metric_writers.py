@@ -1,0 +1,114 @@
+"""What a run leaves for researchers: log lines, metrics.jsonl, TensorBoard
+event files and the textbook's learning-curve figure (curves.png).
+
+Only process 0 writes; the others get a writer that does nothing, so the
+training loop never asks which process it is.
+"""
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+from absl import logging
+
+
+class MetricWriter:
+  """Appends one JSON record per logging step or epoch, mirrors to TensorBoard."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._tb = None
+    if enabled:
+      from tensorboard.summary import Writer  # pylint: disable=g-import-not-at-top
+      self._tb = Writer(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, record: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    with open(self.path, 'a', encoding='utf-8') as f:
+      f.write(json.dumps(record, sort_keys=True) + '\n')
+    step = int(record['step'])
+    for key, value in record.items():
+      if key not in ('step', 'epoch') and isinstance(value, (int, float)):
+        self._tb.add_scalar(key, float(value), step)
+    self._tb.flush()
+
+  def truncate_after(self, step: int) -> None:
+    """Drops records past `step`: a resumed run rewrites them exactly."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path, encoding='utf-8') as f:
+      kept = [line for line in f if json.loads(line)['step'] <= step]
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+      f.writelines(kept)
+    os.replace(tmp, self.path)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_records(workdir: str) -> list[dict[str, Any]]:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding='utf-8') as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(workdir: str) -> str | None:
+  """train loss, train acc and test acc against epoch, as in the textbook."""
+  epochs = [r for r in read_records(workdir) if 'epoch' in r]
+  if not epochs:
+    return None
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  x = [r['epoch'] for r in epochs]
+  fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=100)
+  for key, style in (('train_loss', '-'), ('train_accuracy', 'm--'),
+                     ('test_accuracy', 'g-.')):
+    if all(key in r for r in epochs):
+      ax.plot(x, [r[key] for r in epochs], style, label=key.replace('_', ' '))
+  ax.set_xlabel('epoch')
+  ax.set_xlim(0, max(x))
+  ax.grid(True, alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  path = os.path.join(workdir, 'curves.png')
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+class Progress:
+  """A one-line progress bar on a terminal; plain log lines otherwise."""
+
+  def __init__(self, enabled: bool):
+    self.tty = enabled and sys.stderr.isatty() and jax.process_index() == 0
+    self._t0 = time.perf_counter()
+
+  def update(self, epoch: int, done: int, total: int, loss: float | None,
+             images_per_sec: float | None) -> None:
+    text = f'epoch {epoch}: {done}/{total}'
+    if loss is not None:
+      text += f' loss {loss:.3f}'
+    if images_per_sec:
+      text += f' {images_per_sec:.1f} images/s'
+    if self.tty:
+      width = 24
+      filled = int(width * done / max(total, 1))
+      sys.stderr.write(f'\r[{"#" * filled}{"." * (width - filled)}] {text}  ')
+      sys.stderr.flush()
+    else:
+      logging.info(text)
+
+  def end_line(self) -> None:
+    if self.tty:
+      sys.stderr.write('\n')
+      sys.stderr.flush()

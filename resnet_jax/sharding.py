@@ -1,0 +1,74 @@
+"""Where arrays live: one data-parallel mesh over every device of every process.
+
+The batch is split along the mesh axis `data`; parameters, optimizer state
+and BatchNorm statistics are replicated. Under `jax.jit` the compiler inserts
+the cross-device reductions, so a BatchNorm mean over the batch axis is the
+mean over the global batch (synchronised BatchNorm) with no extra code.
+"""
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from resnet_jax.errors import UserError
+
+DATA_AXIS = 'data'
+
+
+def initialize_distributed() -> None:
+  """Joins the other processes when launched as several (pods, clusters).
+
+  JAX detects TPU pods, SLURM and Open MPI by itself; elsewhere set
+  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  if os.environ.get('JAX_NUM_PROCESSES', '1') != '1' or any(
+      k in os.environ for k in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE',
+                                'TPU_WORKER_HOSTNAMES')):
+    if not jax.distributed.is_initialized():
+      jax.distributed.initialize()
+
+
+def make_mesh() -> Mesh:
+  """A 1-D mesh over all devices of all processes.
+
+  Axis type Auto: the compiler propagates shardings (GSPMD), so model code
+  needs no sharding annotations (jax.make_mesh defaults to Explicit).
+  """
+  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices())
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(batch_size: int, what: str = 'batch_size') -> None:
+  """A global batch must split evenly over devices and processes."""
+  devices = jax.device_count()
+  if batch_size <= 0 or batch_size % devices:
+    raise UserError(
+        f'{what}={batch_size} does not divide by the {devices} devices; '
+        f'use a multiple of {devices} (e.g. --config.{what}='
+        f'{max(devices, batch_size // devices * devices)})')
+
+
+def global_array_from_host(mesh: Mesh, global_value: np.ndarray,
+                           spec: P) -> jax.Array:
+  """Builds a global array from a value every process holds in full."""
+  sharding = NamedSharding(mesh, spec)
+  return jax.make_array_from_callback(global_value.shape, sharding,
+                                      lambda index: global_value[index])
+
+
+def global_batch_from_local(mesh: Mesh, local_batch):
+  """Assembles each process's slice of the batch into sharded global arrays."""
+  sharding = batch_sharded(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x),
+      local_batch)

@@ -1,0 +1,121 @@
+"""The train and eval steps: pure functions of (state, batch).
+
+A batch is `{'image': uint8 NHWC, 'label': int32}` (plus `'mask'` for
+evaluation, 1 for real examples and 0 for padding). Preprocessing (resize,
+normalise, augment) runs inside the step, on the device. Metrics are sums
+(loss_sum, correct, count) so that steps and devices add up exactly and a
+padded final eval batch counts each real example once.
+"""
+
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+Preprocess = Callable[[jax.Array, jax.Array | None], jax.Array]
+
+
+class TrainState(train_state.TrainState):
+  """Params, optimizer state and step (Flax's), plus BN statistics and RNG.
+
+  `rng` is raw key data (uint32) so that checkpoints hold a plain array; the
+  key of step t is fold_in(rng, t), so it never needs to be updated.
+  """
+  batch_stats: Any = None
+  rng: jax.Array | None = None
+
+
+def create_train_state(model: flax.linen.Module, tx: optax.GradientTransformation,
+                       rng: jax.Array, input_shape: tuple[int, ...]) -> TrainState:
+  """Initialises the variables for inputs of `input_shape` (NHWC, batch 1)."""
+  init_rng, step_rng = jax.random.split(rng)
+  variables = model.init(init_rng, jnp.zeros(input_shape, model.dtype),
+                         train=False)
+  return TrainState.create(apply_fn=model.apply, params=variables['params'],
+                           batch_stats=variables.get('batch_stats', {}), tx=tx,
+                           rng=jax.random.key_data(step_rng))
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
+                  label_smoothing: float = 0.0) -> jax.Array:
+  """Per-example softmax cross-entropy with optional label smoothing."""
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes),
+                                label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def train_step(state: TrainState, batch: Batch, *, preprocess: Preprocess,
+               num_classes: int, label_smoothing: float = 0.0
+               ) -> tuple[TrainState, Metrics]:
+  """One SGD step on the (global, possibly sharded) batch."""
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  images = preprocess(batch['image'], key)
+  labels = batch['label']
+
+  def loss_fn(params):
+    logits, new_vars = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, images,
+        train=True, mutable=['batch_stats'])
+    loss = cross_entropy(logits, labels, num_classes, label_smoothing).mean()
+    return loss, (logits, new_vars['batch_stats'])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  count = labels.shape[0]
+  metrics = {
+      'loss_sum': loss * count,
+      'correct': jnp.sum(jnp.argmax(logits, -1) == labels),
+      'count': jnp.asarray(count, jnp.int32),
+      'grad_norm': optax.global_norm(grads),
+  }
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: Batch, *, preprocess: Preprocess,
+              num_classes: int) -> Metrics:
+  """Masked sums of loss and correct predictions with running BN averages."""
+  images = preprocess(batch['image'], None)
+  logits = state.apply_fn({'params': state.params,
+                           'batch_stats': state.batch_stats}, images,
+                          train=False)
+  mask = batch['mask'].astype(jnp.float32)
+  loss = cross_entropy(logits, batch['label'], num_classes)
+  correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
+  return {'loss_sum': jnp.sum(loss * mask), 'correct': jnp.sum(correct * mask),
+          'count': jnp.sum(mask)}
+
+
+def jit_steps(replicated: jax.sharding.Sharding,
+              batch_sharded: jax.sharding.Sharding, *, preprocess: Preprocess,
+              eval_preprocess: Preprocess, num_classes: int,
+              label_smoothing: float = 0.0):
+  """The train step (state donated) and the eval step, compiled for the mesh:
+  state and metrics replicated, batches split along the data axis."""
+  train = jax.jit(
+      functools.partial(train_step, preprocess=preprocess,
+                        num_classes=num_classes,
+                        label_smoothing=label_smoothing),
+      in_shardings=(replicated, batch_sharded),
+      out_shardings=(replicated, replicated), donate_argnums=0)
+  evaluate = jax.jit(
+      functools.partial(eval_step, preprocess=eval_preprocess,
+                        num_classes=num_classes),
+      in_shardings=(replicated, batch_sharded), out_shardings=replicated)
+  return train, evaluate
+
+
+def summarize(metrics: list[Metrics]) -> dict[str, float]:
+  """Means over a list of per-step metric sums (one device fetch)."""
+  fetched = jax.device_get(metrics)
+  loss = sum(float(m['loss_sum']) for m in fetched)
+  correct = sum(float(m['correct']) for m in fetched)
+  count = sum(float(m['count']) for m in fetched)
+  return {'loss': loss / max(count, 1), 'accuracy': correct / max(count, 1),
+          'count': count}
