@@ -138,7 +138,7 @@ def import_tfds():
         f'reading TFDS data needs tensorflow and tensorflow-datasets ({e}); '
         'install them, or carry a cache made elsewhere with '
         '`python -m resnet_jax.input_pipeline --dataset NAME --data_dir D` '
-        'and pass --config.data_dir=D') from None
+        'and pass --config.tfds_data_dir=D') from None
   # TF must never grab accelerator memory that JAX needs.
   tf.config.set_visible_devices([], 'GPU')
   return tf, tfds

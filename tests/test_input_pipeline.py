@@ -2,6 +2,7 @@
 
 import gzip
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +17,10 @@ from resnet_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_DIR = os.path.join(REPO, '..', 'shared', 'data', 'fashion_mnist')
+# Machines without TensorFlow/TFDS (some accelerator boxes) still run the rest.
+needs_tfds = pytest.mark.skipif(
+    importlib.util.find_spec('tensorflow_datasets') is None,
+    reason='tensorflow_datasets is not installed')
 needs_fashion = pytest.mark.skipif(
     not os.path.isdir(FASHION_DIR),
     reason=f'Fashion-MNIST download files not found in {FASHION_DIR}')
@@ -76,6 +81,7 @@ def test_eval_batches_count_each_example_once(n, bs):
 # ------------------------------------------------------------ offline errors
 
 
+@needs_tfds
 def test_unprepared_dataset_offline_explains_how_to_prepare(tmp_path,
                                                             monkeypatch):
   # Never touch the network here, whatever machine runs the test.
@@ -92,6 +98,7 @@ def test_unprepared_dataset_offline_explains_how_to_prepare(tmp_path,
     ip.load_in_memory('mnist', data_dir=str(tmp_path), manual_dir=str(empty))
 
 
+@needs_tfds
 def test_missing_manual_dir_and_unknown_names(tmp_path):
   with pytest.raises(UserError, match='does not exist'):
     ip.load_in_memory('mnist', data_dir=str(tmp_path),
@@ -116,6 +123,7 @@ def fashion(tmp_path_factory):
   """Prepares Fashion-MNIST once (about 30 s) from the shared download files."""
   if not os.path.isdir(FASHION_DIR):
     pytest.skip(f'Fashion-MNIST download files not found in {FASHION_DIR}')
+  pytest.importorskip('tensorflow_datasets')
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   info, train, test = ip.load_in_memory('fashion_mnist', data_dir=data_dir,
                                         manual_dir=FASHION_DIR)
@@ -281,6 +289,7 @@ def test_streaming_eval_pads_the_last_batch(mock_imagenet):
   np.testing.assert_array_equal(batches[-1]['image'][1:], 0)
 
 
+@needs_tfds
 def test_streaming_decoders_on_png_and_jpeg():
   from resnet_jax import streaming  # pylint: disable=g-import-not-at-top
   tf, _ = ip.import_tfds()
