@@ -155,7 +155,7 @@ def _supported_message() -> str:
 def tfds_builder(name: str, data_dir: str | None = None):
   _, tfds = import_tfds()
   try:
-    return tfds.builder(name, data_dir=data_dir)
+    return tfds.builder(name, data_dir=data_dir or None)
   except tfds.core.registered.DatasetNotFoundError:
     raise UserError(f'unknown dataset {name!r}; '
                     f'{_supported_message()}') from None
@@ -185,6 +185,7 @@ def ensure_prepared(builder, manual_dir: str | None = None,
     return
   name = builder.name
   _, tfds = import_tfds()
+  manual_dir = manual_dir or None  # configs use '' for "not given"
   if manual_dir is not None and not os.path.isdir(manual_dir):
     raise UserError(f'tfds_manual_dir {manual_dir!r} does not exist; '
                     f'point --config.tfds_manual_dir at the folder holding '

@@ -96,6 +96,9 @@ def test_unprepared_dataset_offline_explains_how_to_prepare(tmp_path,
   empty.mkdir()
   with pytest.raises(UserError, match='tfds_manual_dir'):
     ip.load_in_memory('mnist', data_dir=str(tmp_path), manual_dir=str(empty))
+  # '' (the configs' "not given") means no manual dir, not a missing one.
+  with pytest.raises(UserError, match='cannot be downloaded'):
+    ip.load_in_memory('mnist', data_dir=str(tmp_path), manual_dir='')
 
 
 @needs_tfds
