@@ -273,25 +273,30 @@ def replace_head(variables: Variables, num_classes: int,
 
 def write_converted(dst: str, variables: Variables, model_name: str,
                     num_classes: int, src: str) -> None:
-  """Writes DIR/checkpoints/0 (Orbax, {'params', 'batch_stats'}) and
-  DIR/config.json describing the model, so DIR can be evaluated or
-  fine-tuned like a training workdir."""
+  """Writes DIR/checkpoints/0 and DIR/config.json, like a training workdir.
+
+  The step folder has the items of resnet_jax.checkpointing: `state`
+  ({'params', 'batch_stats'}, Orbax StandardSave) and `meta` (JSON: step 0
+  and the config), so `Checkpointer(dst).restore_variables()` reads it.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   dst = os.path.abspath(dst)
   ckpt_dir = os.path.join(dst, 'checkpoints')
   if os.path.exists(os.path.join(ckpt_dir, '0')):
     raise UserError(f'{ckpt_dir}/0 already exists; choose a new --dst or '
                     'delete it')
-  os.makedirs(dst, exist_ok=True)
-  state = {'params': variables['params'],
-           'batch_stats': variables['batch_stats']}
-  with ocp.CheckpointManager(ckpt_dir) as manager:
-    manager.save(0, args=ocp.args.StandardSave(state))
-    manager.wait_until_finished()
   config = {'model': model_name, 'num_classes': int(num_classes),
             'dataset': 'imagenet2012', 'image_size': 224,
             'source': 'torchvision', 'src': os.path.abspath(src)}
-  with open(os.path.join(dst, 'config.json'), 'w') as f:
+  state = {'params': variables['params'],
+           'batch_stats': variables['batch_stats']}
+  os.makedirs(dst, exist_ok=True)
+  with ocp.CheckpointManager(ckpt_dir) as manager:
+    manager.save(0, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        meta=ocp.args.JsonSave({'step': 0, 'config': config})))
+    manager.wait_until_finished()
+  with open(os.path.join(dst, 'config.json'), 'w', encoding='utf-8') as f:
     json.dump(config, f, indent=2)
     f.write('\n')
 
