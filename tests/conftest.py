@@ -1,0 +1,58 @@
+"""Shared fixtures: small datasets in the project's uint8 cache format, and
+real Fashion-MNIST prepared once per session from ../shared/data."""
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+from resnet_jax import input_pipeline
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FASHION_MNIST_FILES = ROOT.parent / 'shared' / 'data' / 'fashion_mnist'
+
+
+def write_fake_dataset(data_dir: str, name: str, shape=(28, 28, 1),
+                       num_classes: int = 10, num_train: int = 256,
+                       num_test: int = 100, seed: int = 0) -> None:
+  """A learnable dataset: each class is a distinct brightness pattern + noise."""
+  rng = np.random.default_rng(seed)
+  patterns = rng.integers(0, 256, (num_classes,) + shape)
+
+  def split(n):
+    labels = rng.integers(0, num_classes, n).astype(np.int32)
+    noise = rng.integers(-40, 41, (n,) + shape)
+    images = np.clip(patterns[labels] + noise, 0, 255).astype(np.uint8)
+    return input_pipeline.ArrayDataset(images, labels)
+
+  meta = {'version': input_pipeline._CACHE_VERSION, 'name': name,  # pylint: disable=protected-access
+          'tfds_version': 'fake', 'num_classes': num_classes,
+          'class_names': [f'class_{i}' for i in range(num_classes)],
+          'image_shape': list(shape)}
+  input_pipeline._write_cache(  # pylint: disable=protected-access
+      input_pipeline.cache_dir(name, data_dir), meta, split(num_train),
+      split(num_test))
+
+
+@pytest.fixture(scope='session')
+def fake_data_dir(tmp_path_factory) -> str:
+  """fashion_mnist-, cifar10- and cifar100-shaped fakes in one data dir."""
+  data_dir = str(tmp_path_factory.mktemp('fake_tfds'))
+  write_fake_dataset(data_dir, 'fashion_mnist')
+  write_fake_dataset(data_dir, 'cifar10', shape=(32, 32, 3))
+  write_fake_dataset(data_dir, 'cifar100', shape=(32, 32, 3), num_classes=100)
+  return data_dir
+
+
+@pytest.fixture(scope='session')
+def fashion_mnist_data_dir(tmp_path_factory) -> str:
+  """Real Fashion-MNIST, prepared offline by TFDS once, read from its cache."""
+  if not FASHION_MNIST_FILES.is_dir():
+    pytest.skip(f'real Fashion-MNIST files not found at {FASHION_MNIST_FILES}')
+  data_dir = os.environ.get('RESNET_JAX_TEST_DATA_DIR') or str(
+      tmp_path_factory.mktemp('tfds'))
+  # Reads the cache when it is there, else prepares it with TFDS (~30 s).
+  input_pipeline.load_in_memory('fashion_mnist', data_dir=data_dir,
+                                manual_dir=str(FASHION_MNIST_FILES))
+  return data_dir
