@@ -11,8 +11,8 @@ compile time, images/s per step (each step blocked on before the clock stops)
 and pipelined (steps dispatched back to back, one block at the end, as in
 training), FLOPs from XLA's cost analysis, the achieved FLOP/s and its fraction
 of the device's peak, and memory. Synthetic data is one fixed device-resident
-uint8 batch; `--data NAME` also times the real in-memory input pipeline
-(index stream -> InMemoryData.train_batch gather) against it.
+uint8 batch; `--data NAME` also times training's input pipeline (for an
+in-memory dataset: index stream -> on-device gather) against it.
 
 Peak FLOP/s: a table for known accelerators; for a CPU, cores x clock x fp32
 FLOPs per cycle (see cpu_peak_flops). On the 2-core development machine
@@ -79,7 +79,7 @@ PEAK_FLOPS = (
 @dataclasses.dataclass
 class Options:
   config: Any  # run config (ml_collections or a namespace) with overrides
-  channels: int
+  input_shape: tuple[int, int, int] | None  # synthetic batch; None: --data's
   num_classes: int | None
   steps: int
   warmup: int
@@ -98,7 +98,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
   p.add_argument('--batch_size', type=int, default=None, help='global batch')
   p.add_argument('--image_size', type=int, default=None,
                  help='model input size (0 = the native size)')
-  p.add_argument('--channels', type=int, default=None)
+  p.add_argument('--channels', type=int, default=None,
+                 help='synthetic input of image_size^2 x channels (default: '
+                 "the config's dataset's native shape, resized as in training)")
   p.add_argument('--dtype', choices=sorted(DTYPES), default=None)
   p.add_argument('--num_classes', type=int, default=None)
   p.add_argument('--width', type=int, default=None)
@@ -134,7 +136,7 @@ def make_options(argv: list[str]) -> Options:
   else:
     try:
       config = load_config(_DEFAULT_CONFIG)
-    except ImportError:  # no ml_collections (accelerator boxes)
+    except (ImportError, UserError):  # no ml_collections, or no configs/
       config = types.SimpleNamespace(**_FALLBACK_CONFIG)
   native = input_pipeline.IN_MEMORY_DATASETS.get(config.dataset)
   for field, value in (('model', a.model), ('batch_size', a.batch_size),
@@ -148,34 +150,46 @@ def make_options(argv: list[str]) -> Options:
     config.dataset = a.data
   if a.data_dir is not None:
     config.tfds_data_dir = a.data_dir
-  channels = a.channels or (native[-1] if native else 3)
-  if not config.image_size and a.data == 'synthetic':
-    config.image_size = native[0] if native else 224
+  if a.data != 'synthetic':
+    if a.channels:
+      raise UserError(f'--channels is for synthetic data; {a.data} has its '
+                      'own: leave --channels out')
+    shape = None
+  elif a.channels or not native:
+    size = config.image_size or 224
+    shape = (size, size, a.channels or 3)
+  else:
+    shape = tuple(native)
   for name, value, low in (('steps', a.steps, 1), ('warmup', a.warmup, 0),
-                           ('channels', channels, 1),
+                           ('channels', a.channels, 1),
                            ('ratio_rounds', a.ratio_rounds, 1)):
-    if value < low:
+    if value is not None and value < low:
       raise UserError(f'--{name}={value} must be at least {low}')
-  return Options(config, channels, a.num_classes, a.steps, a.warmup, a.data,
+  return Options(config, shape, a.num_classes, a.steps, a.warmup, a.data,
                  a.ratio_rounds, a.json, list(argv))
 
 
 # ------------------------------------------------------------------ the run
 
 
+def _random_batch(shape: tuple[int, ...], num_classes: int,
+                  n: int) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(0)
+  return {'image': rng.integers(0, 256, (n,) + tuple(shape), dtype=np.uint8),
+          'label': rng.integers(0, num_classes, n).astype(np.int32)}
+
+
 def _synthetic_data(mesh, shape: tuple[int, int, int], num_classes: int,
                     batch: int, stats_of: str) -> device_data.InMemoryData:
   """`batch` random uint8 images on the devices, as an InMemoryData."""
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (batch,) + shape, dtype=np.uint8)
-  labels = rng.integers(0, num_classes, batch).astype(np.int32)
+  b = _random_batch(shape, num_classes, batch)
   info = input_pipeline.DatasetInfo(
       name=stats_of, num_classes=num_classes,
       class_names=tuple(map(str, range(num_classes))), image_shape=shape,
       num_train=batch, num_eval=batch, in_memory=True)
-  put = lambda x: sharding.global_array_from_host(mesh, x, P())
-  return device_data.InMemoryData(info, mesh, put(images), put(labels),
-                                  put(images), put(labels))
+  images, labels = (sharding.global_array_from_host(mesh, b[k], P())
+                    for k in ('image', 'label'))
+  return device_data.InMemoryData(info, mesh, images, labels, images, labels)
 
 
 def _stats_name(dataset: str, channels: int) -> str:
@@ -199,9 +213,9 @@ def build_run(opts: Options) -> tuple[run_setup.Run, dict]:
   if opts.data == 'synthetic':
     num_classes = opts.num_classes or models.model_defaults(
         c.model)['num_classes']
-    shape = (c.image_size, c.image_size, opts.channels)
+    shape = opts.input_shape
     data = _synthetic_data(mesh, shape, num_classes, c.batch_size,
-                           _stats_name(c.dataset, opts.channels))
+                           _stats_name(c.dataset, shape[-1]))
   else:
     data = device_data.load(c, mesh, c.image_size)
     if data.info.num_train < c.batch_size:
@@ -218,14 +232,11 @@ def build_run(opts: Options) -> tuple[run_setup.Run, dict]:
   run = run_setup.Run(c, mesh, data, model, image_size, steps_per_epoch=1,
                       total_steps=1,
                       schedule=optax.constant_schedule(c.learning_rate))
-  rng = np.random.default_rng(1)
-  shape = (c.batch_size,) + tuple(data.info.image_shape)
-  batch = {'image': rng.integers(0, 256, shape, dtype=np.uint8),
-           'label': rng.integers(0, data.info.num_classes,
-                                 c.batch_size).astype(np.int32)}
-  batch = {k: sharding.global_array_from_host(mesh, v, P(sharding.DATA_AXIS))
-           for k, v in batch.items()}
-  return run, batch
+  batch = _random_batch(data.info.image_shape, data.info.num_classes,
+                        c.batch_size)
+  return run, {k: sharding.global_array_from_host(mesh, v,
+                                                  P(sharding.DATA_AXIS))
+               for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------- measuring
@@ -295,7 +306,8 @@ def _measure(step: Callable, state: Any, opts: Options, batch: int,
 
 
 def _memory(compiled) -> dict:
-  """Peak device memory (GPU/TPU), else XLA's buffer sizes (per device)."""
+  """XLA's buffer sizes (per device) and, where the backend keeps it (GPU,
+  TPU), the device's peak memory in use so far in this process."""
   peaks = [(d.memory_stats() or {}).get('peak_bytes_in_use')
            for d in jax.local_devices()]
   mem = {'device_peak_bytes': max(peaks) if all(peaks) else None}

@@ -124,6 +124,7 @@ def test_batch_not_divisible_by_devices_is_one_line_exit_2():
     (['--config', 'no/such.py'], 'config file not found'),
     (['--steps', '0'], '--steps=0'),
     (['--channels', '2'], 'channels'),
+    (['--data', 'fashion_mnist', '--channels', '1'], 'leave --channels out'),
 ])
 def test_other_bad_input_is_one_line_exit_2(capsys, args, message):
   assert benchmark.main(TINY + ['--image_size', '16'] + args) == 2
@@ -132,20 +133,22 @@ def test_other_bad_input_is_one_line_exit_2(capsys, args, message):
 
 
 def test_config_file_then_flags():
-  opts = benchmark.make_options(['--config', str(ROOT / 'configs' /
-                                                 'd2l_fashion_mnist.py')])
+  d2l = str(ROOT / 'configs' / 'd2l_fashion_mnist.py')
+  opts = benchmark.make_options(['--config', d2l])
   c = opts.config
   assert (c.model, c.batch_size, c.image_size) == ('d2l_resnet18', 256, 96)
-  assert opts.channels == 1 and not c.half_precision
-  opts = benchmark.make_options(['--config', str(ROOT / 'configs' /
-                                                 'd2l_fashion_mnist.py'),
-                                 '--batch_size', '32', '--dtype', 'bfloat16',
-                                 '--conv_impl', 'patches'])
+  # Synthetic images of the dataset's native shape, resized as in training.
+  assert opts.input_shape == (28, 28, 1) and not c.half_precision
+  opts = benchmark.make_options(['--config', d2l, '--batch_size', '32',
+                                 '--dtype', 'bfloat16', '--conv_impl',
+                                 'patches', '--channels', '3'])
   c = opts.config
   assert (c.batch_size, c.half_precision, c.conv_impl) == (32, True, 'patches')
-  # No --config: the default config, native 28x28x1 Fashion-MNIST shape.
-  c = benchmark.make_options([]).config
-  assert (c.model, c.batch_size, c.image_size) == ('cifar_resnet20', 128, 28)
+  assert opts.input_shape == (96, 96, 3)
+  # No --config: configs/default.py.
+  opts = benchmark.make_options(['--image_size', '32', '--channels', '3'])
+  assert (opts.config.model, opts.config.batch_size) == ('cifar_resnet20', 128)
+  assert opts.input_shape == (32, 32, 3)
 
 
 def test_peak_table_and_cpu_derivation():
@@ -166,3 +169,32 @@ def test_peak_table_and_cpu_derivation():
   if peak is not None:
     cores = len(os.sched_getaffinity(0))
     assert f'{cores} cores' in source and peak > cores * 1e9
+
+
+def test_fallback_config_is_the_default_configs():
+  """Without ml_collections the tool uses a copy of configs/default.py's
+  fields; it must stay equal to the file."""
+  default = benchmark.load_config(str(ROOT / 'configs' / 'default.py'))
+  for key, value in benchmark._FALLBACK_CONFIG.items():  # pylint: disable=protected-access
+    if key == 'augment':
+      assert benchmark.preprocess.augment_config_from(default) is None
+    else:
+      assert default[key] == value, key
+
+
+def test_runs_without_ml_collections():
+  block = ('import sys\n'
+           'class Block:\n'
+           '  def find_spec(self, name, path=None, target=None):\n'
+           '    if name.split(".")[0] == "ml_collections":\n'
+           '      raise ModuleNotFoundError(name)\n'
+           'sys.meta_path.insert(0, Block())\n'
+           'from resnet_jax import benchmark\n'
+           'o = benchmark.make_options(["--image_size", "16"])\n'
+           'print(type(o.config).__name__, o.config.model, o.input_shape)\n')
+  out = subprocess.run([sys.executable, '-c', block], capture_output=True,
+                       text=True, env=_env(), cwd=ROOT, timeout=300,
+                       check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split() == ['SimpleNamespace', 'cifar_resnet20', '(28,',
+                                '28,', '1)']
