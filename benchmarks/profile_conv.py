@@ -11,14 +11,34 @@ times up over the network (times the number of layers of each shape), times
 BatchNorm forward+backward on every activation, and the whole train step, so
 the step splits into conv fwd / dgrad / wgrad / BatchNorm / rest.
 
-Findings: see the summary at the bottom of this docstring (filled in from runs
-of this script on the 2-core Zen 3 development machine).
+Findings (2-core Zen 3 dev machine, shared with other jobs, so noisy; jax 0.10.2):
+- Per layer, r18_96 with XLA's convs: fwd 3.1 s, dgrad 3.3 s, wgrad 7.4 s per
+  step (sum 13.8 s): the kernel gradient runs at 5-30 GFLOP/s (1x1 strided:
+  5-13), fwd/dgrad at 30-100. The patches formulation's kernel gradient
+  reaches 20-70 GFLOP/s, and 1x1 convs as plain matmuls are 3-15x faster in
+  wgrad than XLA's.
+- The biggest single cost was not arithmetic but page faults: XLA:CPU
+  allocates each step's big temporaries afresh and glibc mmaps/unmaps them
+  (>32 MiB, or per-thread arenas), so every step re-faults and zeroes them
+  (~156k faults, 0.3 s sys per 3x3 64->64 conv at 24x24 b256). With
+  conv.configure_cpu_malloc() (no mmap, no trim, one arena) the faults go to 0
+  and that layer's patches forward drops 550 -> 250 ms.
+- Patch extraction: XLA turns slice(pad(x)) into one padded copy per tap and
+  then a separate concatenate: ~3x the memory traffic of the patches. For
+  small channel counts (CIFAR 16-32 channels) this copy dominates, and XLA's
+  own conv is faster (r20_32 layers: patches 2-8x slower per op).
+- Whole-step (benchmarks/pytorch_compare.py, one run, loaded machine):
+  resnet18 at 32x32x3 b128 patches 126.5 img/s vs xla 28.4 vs hybrid 27.2
+  (XLA's convs on 1x1..8x8 maps are slow in all three passes); d2l ResNet-18
+  at 96x96x1 b256 too noisy to separate (p10 step: xla 5.9 s, patches 6.0 s,
+  hybrid 10.7 s, torch 3.4 s).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import os
 import sys
 import time
@@ -77,6 +97,10 @@ NETS = {
 }
 
 
+# Formulations to compare: (fwd, dgrad, wgrad) as conv.conv_forward & co. take them.
+IMPLS = {'xla': ('xla', 'xla', 'xla'), 'patches': conv.PATCHES_PLAN}
+
+
 def bench(fn, *args, reps: int) -> float:
   """Median seconds per call of jitted fn after one warm-up call."""
   fn = jax.jit(fn)
@@ -104,20 +128,16 @@ def layer_ops(layer: Layer, batch: int):
   y_shape = jax.eval_shape(lambda x, w: xla_conv(x, w, s, pads), x, w).shape
   dy = jax.random.normal(kd, y_shape)
   ops = {}
-  ops['xla'] = {
-      'fwd': (lambda x, w: xla_conv(x, w, s, pads), (x, w)),
-      'dgrad': (lambda w, dy: jax.linear_transpose(
-          lambda x: xla_conv(x, w, s, pads), x)(dy)[0], (w, dy)),
-      'wgrad': (lambda x, dy: jax.linear_transpose(
-          lambda w: xla_conv(x, w, s, pads), w)(dy)[0], (x, dy)),
-  }
-  fwd, bwd = conv._patch_conv_fwd, conv._patch_conv_bwd  # pylint: disable=protected-access
-  ops['patches'] = {
-      'fwd': (lambda x, w: conv.patch_conv(x, w, (s, s), pads), (x, w)),
-      'dgrad': (lambda x, w, dy: bwd((s, s), pads, None, (x, w), dy)[0], (x, w, dy)),
-      'wgrad': (lambda x, w, dy: bwd((s, s), pads, None, (x, w), dy)[1], (x, w, dy)),
-  }
-  del fwd
+  args = ((s, s), pads, None)
+  for name, (f_how, d_how, w_how) in IMPLS.items():
+    ops[name] = {
+        'fwd': (functools.partial(conv.conv_forward, strides=(s, s), pads=pads,
+                                  precision=None, how=f_how), (x, w)),
+        'dgrad': (lambda dy, w, h=d_how: conv.conv_input_grad(dy, w, x.shape, *args, h),
+                  (dy, w)),
+        'wgrad': (lambda x, dy, h=w_how: conv.conv_kernel_grad(x, dy, w.shape, *args, h),
+                  (x, dy)),
+    }
   return ops
 
 
@@ -146,6 +166,7 @@ def main() -> None:
   parser.add_argument('--nets', default='r18_96,r20_32')
   parser.add_argument('--reps', type=int, default=5)
   args = parser.parse_args()
+  conv.configure_cpu_malloc()
   print(f'jax {jax.__version__} backend {jax.default_backend()}')
   for net in args.nets.split(','):
     totals = profile_layers(net, args.reps)

@@ -13,6 +13,13 @@ input along channels, and gives it a custom VJP that again uses one matmul each:
     dW = patches(x)^T @ dy    (patches recomputed from x: only x is kept)
     dx = col2im(dy @ W^T)     (sum of the kh*kw shifted pads of dy @ W^T)
 
+`HybridConv` ('hybrid') keeps XLA's forward and input-gradient convolutions
+and only takes the kernel gradient from the matmul form. Which is fastest
+depends on the shapes: patches wins big on small feature maps with many
+channels (ResNet-18 at 32x32: ~4.5x XLA per train step), XLA's own conv on
+large maps with few channels (CIFAR ResNet-20: xla > hybrid > patches), where
+copying out the patches dominates. `configure_cpu_malloc` matters for all.
+
 The parameters ('kernel' HWIO, 'bias') have the names, shapes and initialisers
 of `flax.linen.Conv`, so checkpoints are interchangeable between
 implementations. See benchmarks/profile_conv.py for the measurements behind the
@@ -35,7 +42,7 @@ from jax import lax
 
 from resnet_jax.errors import UserError
 
-CONV_IMPLS = ('auto', 'xla', 'patches')
+CONV_IMPLS = ('auto', 'xla', 'patches', 'hybrid')
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
@@ -68,18 +75,26 @@ def configure_cpu_malloc() -> bool:
     mallopt = ctypes.CDLL('libc.so.6').mallopt
   except (OSError, AttributeError):  # Not glibc (e.g. musl).
     return False
-  m_trim_threshold, m_mmap_max = -1, -4
-  return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
+  # One arena: a buffer under 64 MiB freed in a per-thread arena would still
+  # be unmapped with the (mmap-ed) heap that held it.
+  return all(mallopt(option, value) for option, value in (
+      (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_arena_max, 1)))
 
 
 def get_conv(impl: str = 'auto') -> type[nn.Module]:
   """Module class with nn.Conv's constructor and parameters for `impl`.
 
-  'xla' is `flax.linen.Conv` itself; 'patches' is `PatchConv`; 'auto' is
-  'patches' on the CPU backend and 'xla' elsewhere. An unknown name raises
-  `UserError` listing `CONV_IMPLS`.
+  'xla' is `flax.linen.Conv` itself; 'patches' is `PatchConv` (all three
+  passes as matmuls); 'hybrid' keeps XLA's forward and input-gradient
+  convolutions and computes only the (slow in XLA) kernel gradient as a
+  matmul; 'auto' is the fastest of those on the CPU backend and 'xla'
+  elsewhere. An unknown name raises `UserError` listing `CONV_IMPLS`.
   """
-  return {'xla': nn.Conv, 'patches': PatchConv}[resolve_conv_impl(impl)]
+  impl = resolve_conv_impl(impl)
+  if impl != 'xla' and jax.default_backend() == 'cpu':
+    configure_cpu_malloc()
+  return {'xla': nn.Conv, 'patches': PatchConv, 'hybrid': HybridConv}[impl]
 
 
 def extract_patches(x: jax.Array, kernel_size: tuple[int, int],
@@ -92,6 +107,11 @@ def extract_patches(x: jax.Array, kernel_size: tuple[int, int],
   """
   (kh, kw), (sh, sw) = kernel_size, strides
   xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  if any(map(any, pads)):
+    # Materialise the padded input (a cheap x-sized copy). Otherwise XLA
+    # rewrites each slice-of-pad into its own padded copy and concatenates
+    # those in a second pass: 3x the memory traffic of one fused concatenate.
+    xp = lax.optimization_barrier(xp)
   ho = (xp.shape[1] - kh) // sh + 1
   wo = (xp.shape[2] - kw) // sw + 1
   views = [
@@ -131,30 +151,73 @@ def _matmul(a: jax.Array, b: jax.Array, contract: tuple[int, int],
                          precision=precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def patch_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads,
-               precision: lax.PrecisionLike = None) -> jax.Array:
-  """2-D NHWC convolution with an HWIO kernel, as one matmul over patches."""
+def _xla_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads,
+              precision: lax.PrecisionLike) -> jax.Array:
+  return lax.conv_general_dilated(x, kernel, strides, pads, precision=precision,
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def conv_forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads,
+                 precision: lax.PrecisionLike, how: str) -> jax.Array:
+  """The convolution itself: 'patches' (one matmul) or 'xla' (lax.conv)."""
+  if how == 'xla':
+    return _xla_conv(x, kernel, strides, pads, precision)
   kh, kw, cin, cout = kernel.shape
   p = extract_patches(x, (kh, kw), strides, pads)
   y = _matmul(p.reshape(-1, kh * kw * cin), kernel.reshape(-1, cout), (1, 0), precision)
   return y.reshape(p.shape[:3] + (cout,))
 
 
-def _patch_conv_fwd(x, kernel, strides, pads, precision):
+def conv_input_grad(dy: jax.Array, kernel: jax.Array, x_shape: tuple[int, ...],
+                    strides: tuple[int, int], pads: Pads, precision: lax.PrecisionLike,
+                    how: str) -> jax.Array:
+  """d<conv(x), dy>/dx: 'col2im' (one matmul, then a sum of shifted pads) or 'xla'."""
+  if how == 'xla':
+    x = jax.ShapeDtypeStruct(x_shape, dy.dtype)
+    return jax.linear_transpose(
+        lambda x: _xla_conv(x, kernel, strides, pads, precision), x)(dy)[0]
+  kh, kw, cin, cout = kernel.shape
+  dp = _matmul(dy.reshape(-1, cout), kernel.reshape(-1, cout), (1, 1), precision)
+  return _col2im(dp.reshape(dy.shape[:3] + (kh * kw * cin,)), x_shape, (kh, kw), strides, pads)
+
+
+def conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ...],
+                     strides: tuple[int, int], pads: Pads, precision: lax.PrecisionLike,
+                     how: str) -> jax.Array:
+  """d<conv(x), dy>/dkernel: 'patches' (patches^T @ dy, one matmul) or 'xla'."""
+  if how == 'xla':
+    k = jax.ShapeDtypeStruct(kernel_shape, dy.dtype)
+    return jax.linear_transpose(
+        lambda k: _xla_conv(x, k, strides, pads, precision), k)(dy)[0]
+  kh, kw, cin, cout = kernel_shape
+  p = extract_patches(x, (kh, kw), strides, pads).reshape(-1, kh * kw * cin)
+  return _matmul(p, dy.reshape(-1, cout), (0, 0), precision).reshape(kernel_shape)
+
+
+# How each of the three convolutions of a layer is computed: (forward, input
+# gradient, kernel gradient), as accepted by the three functions above.
+Plan = tuple[str, str, str]
+PATCHES_PLAN: Plan = ('patches', 'col2im', 'patches')
+HYBRID_PLAN: Plan = ('xla', 'xla', 'patches')
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def patch_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads,
+               precision: lax.PrecisionLike = None, plan: Plan = PATCHES_PLAN) -> jax.Array:
+  """2-D NHWC convolution with an HWIO kernel, each pass computed as `plan` says."""
+  return conv_forward(x, kernel, strides, pads, precision, plan[0])
+
+
+def _patch_conv_fwd(x, kernel, strides, pads, precision, plan):
   # Keep x, not its patches (up to kh*kw times larger): the backward pass
   # recomputes them, which costs a copy, not a matmul.
-  return patch_conv(x, kernel, strides, pads, precision), (x, kernel)
+  return patch_conv(x, kernel, strides, pads, precision, plan), (x, kernel)
 
 
-def _patch_conv_bwd(strides, pads, precision, res, dy):
+def _patch_conv_bwd(strides, pads, precision, plan, res, dy):
   x, kernel = res
-  kh, kw, cin, cout = kernel.shape
-  dy2 = dy.reshape(-1, cout)
-  p = extract_patches(x, (kh, kw), strides, pads).reshape(-1, kh * kw * cin)
-  dkernel = _matmul(p, dy2, (0, 0), precision).reshape(kernel.shape)
-  dp = _matmul(dy2, kernel.reshape(-1, cout), (1, 1), precision)
-  dx = _col2im(dp.reshape(dy.shape[:3] + (kh * kw * cin,)), x.shape, (kh, kw), strides, pads)
+  dx = conv_input_grad(dy, kernel, x.shape, strides, pads, precision, plan[1])
+  dkernel = conv_kernel_grad(x, dy, kernel.shape, strides, pads, precision, plan[2])
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
@@ -172,6 +235,8 @@ class Conv(nn.Conv):
   lax.conv_general_dilated on the same parameters; padding modes other than
   'SAME', 'VALID' and explicit integers, masks and non-2-D inputs raise.
   """
+
+  plan: Plan = PATCHES_PLAN  # How the forward and the two gradients are computed.
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -201,7 +266,7 @@ class Conv(nn.Conv):
                              kernel_dilation)
     if (self.feature_group_count == 1 and input_dilation == (1, 1)
         and kernel_dilation == (1, 1) and min(min(pads)) >= 0):
-      y = patch_conv(x, kernel, strides, pads, self.precision)
+      y = patch_conv(x, kernel, strides, pads, self.precision, tuple(self.plan))
     else:
       y = lax.conv_general_dilated(
           x, kernel, strides, pads, lhs_dilation=input_dilation,
@@ -213,6 +278,15 @@ class Conv(nn.Conv):
 
 
 PatchConv = Conv
+
+
+class HybridConv(Conv):
+  """`Conv` with XLA's forward and input gradient, and the kernel gradient as a matmul."""
+  plan: Plan = HYBRID_PLAN
+
+
+# Auto-named like nn.Conv ('Conv_0', ...) so that parameter trees stay interchangeable.
+HybridConv.__name__ = 'Conv'
 
 
 def _pair(value: None | int | Sequence[int]) -> tuple[int, int]:

@@ -39,13 +39,17 @@ CASES = [(3, s, p, 1, True) for s, p in itertools.product(STRIDES, PADDINGS)]
 CASES += [(1, 1, 'SAME', 1, True), (1, 2, 0, 1, False), (1, 2, 'VALID', 1, True),
           (7, 2, 3, 1, True), (7, 1, ((2, 1), (0, 3)), 1, False)]
 CASES += [(3, 1, 'SAME', 2, False), (3, 2, 1, 2, True), (1, 2, 'SAME', 2, False)]
+CASES = [case + ('patches',) for case in CASES]
+# 'hybrid' shares the kernel gradient with 'patches' and takes the rest from XLA.
+CASES += [(3, 2, 1, 1, True, 'hybrid'), (7, 2, 3, 1, False, 'hybrid'),
+          (1, 2, 0, 1, True, 'hybrid')]
 
 
-@pytest.mark.parametrize('kernel,stride,padding,groups,use_bias', CASES)
-def test_matches_flax_conv_values_and_gradients(kernel, stride, padding, groups, use_bias):
+@pytest.mark.parametrize('kernel,stride,padding,groups,use_bias,impl', CASES)
+def test_matches_flax_conv_values_and_gradients(kernel, stride, padding, groups, use_bias, impl):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 8, 4))
   reference, patches = _pair_of_convs(
-      'patches', features=6, kernel_size=(kernel, kernel), strides=stride,
+      impl, features=6, kernel_size=(kernel, kernel), strides=stride,
       padding=padding, feature_group_count=groups, use_bias=use_bias)
   variables = reference.init(jax.random.PRNGKey(1), x)
   assert (jax.tree.map(jnp.shape, variables)
@@ -91,16 +95,18 @@ def test_extra_batch_dimensions_and_unbatched_input_match_flax_conv():
     assert _rel_err(y_ref, y) < 1e-5
 
 
-def test_auto_resolves_to_patches_on_cpu_and_xla_is_flax_conv():
+def test_auto_resolves_to_a_fast_path_on_cpu_and_xla_is_flax_conv():
   assert jax.default_backend() == 'cpu'
-  assert conv.resolve_conv_impl('auto') == 'patches'
-  assert conv.get_conv('auto') is conv.PatchConv
+  fast = conv.resolve_conv_impl('auto')
+  assert fast in ('patches', 'hybrid')
+  assert conv.get_conv('auto') is conv.get_conv(fast)
+  assert issubclass(conv.get_conv('auto'), nn.Conv)
   assert conv.get_conv('xla') is nn.Conv
-  assert set(conv.CONV_IMPLS) >= {'auto', 'xla', 'patches'}
+  assert set(conv.CONV_IMPLS) >= {'auto', 'xla', 'patches', 'hybrid'}
 
 
 def test_unknown_impl_is_a_user_error_naming_the_choices():
-  with pytest.raises(UserError, match='auto, xla, patches'):
+  with pytest.raises(UserError, match='auto, xla, patches, hybrid'):
     conv.get_conv('winograd')
 
 
@@ -125,7 +131,8 @@ class _TinyResNet(nn.Module):
     return nn.Dense(10)(jnp.mean(nn.relu(y + shortcut), axis=(1, 2)))
 
 
-def test_one_sgd_step_of_a_small_resnet_is_the_same_with_both_impls():
+@pytest.mark.parametrize('impl', ['patches', 'hybrid'])
+def test_one_sgd_step_of_a_small_resnet_is_the_same_as_with_flax_conv(impl):
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
   labels = jnp.arange(4) % 10
   init = _TinyResNet(nn.Conv).init(jax.random.PRNGKey(1), x)
@@ -145,7 +152,7 @@ def test_one_sgd_step_of_a_small_resnet_is_the_same_with_both_impls():
     return loss, new_params, updates['batch_stats']
 
   loss_x, params_x, stats_x = step('xla')
-  loss_p, params_p, stats_p = step('patches')
+  loss_p, params_p, stats_p = step(impl)
   assert abs(float(loss_x) - float(loss_p)) <= 1e-5 * abs(float(loss_x))
   for a, b in zip(jax.tree.leaves((params_x, stats_x)), jax.tree.leaves((params_p, stats_p))):
     # atol: a conv bias right before BatchNorm gets a gradient of only ~1e-10 (rounding noise).
