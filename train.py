@@ -76,8 +76,18 @@ class _QuietLibraries:
             record.pathname.endswith('train.py'))
 
 
+def _enable_compilation_cache() -> None:
+  """Compiled steps persist across runs: a resumed or repeated run starts in
+  seconds. JAX_COMPILATION_CACHE_DIR overrides the place."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(
+        '~/.cache/resnet_jax/xla'))
+
+
 def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  _enable_compilation_cache()
   if len(argv) > 1:
     _fail(f'unexpected arguments {argv[1:]}; flags are --config=... '
           '--workdir=... --config.<field>=...')

@@ -11,6 +11,7 @@ never leaves a half checkpoint that a restore would pick. Kept: the last
 
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -111,7 +112,8 @@ class Checkpointer:
                     f'{errors}); start a new workdir or fix the files')
 
   def restore_variables(self, step: int | None = None) -> tuple[dict, dict]:
-    """params and batch_stats as host arrays (for warm starts and export)."""
+    """params and batch_stats on this host's first device, whatever device
+    count wrote them (for warm starts, prediction and export)."""
     steps = self.all_steps()
     if not steps:
       raise UserError(f'no checkpoint in {self.directory}')
@@ -119,12 +121,22 @@ class Checkpointer:
     if s not in steps:
       raise UserError(f'no checkpoint at step {s} in {self.directory}; '
                       f'available: {steps}')
-    restored = self._manager.restore(s, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-    state = restored['state']
+    state, meta = self.restore_raw(s)
     variables = {'params': state['params'],
                  'batch_stats': state.get('batch_stats', {})}
-    return variables, dict(restored['meta'])
+    return variables, meta
+
+  def restore_raw(self, step: int) -> tuple[dict, dict]:
+    """The stored state tree as written (nested dicts), on one local device."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    tree = self._manager.item_metadata(step)['state']
+    tree = tree.tree if hasattr(tree, 'tree') else tree
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        dict(tree), is_leaf=lambda m: hasattr(m, 'shape'))
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    return restored['state'], dict(restored['meta'])
 
   def _read_shapes(self, step: int) -> dict[str, Any] | None:
     """Shapes stored for `step`, to name the first mismatch before restoring."""
@@ -163,12 +175,21 @@ def check_compatible(stored: dict[str, Any], expected: dict[str, Any],
 
 
 def _flatten(tree: Any, prefix: str) -> dict[str, tuple[int, ...]]:
-  flat = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: isinstance(x, tuple) or hasattr(x, 'shape'))[0]:
-    key = '/'.join([prefix] + [str(getattr(p, 'key', p)) for p in path])
-    flat[key] = tuple(leaf if isinstance(leaf, tuple) else leaf.shape)
-  return flat
+  """path -> shape, in network order (stem, layer1_0, ..., fc), so the first
+  mismatch reported is the first in the network (pytrees sort their keys)."""
+  if isinstance(tree, dict) or hasattr(tree, 'items'):
+    flat = {}
+    for key in sorted(tree, key=_network_order):
+      flat.update(_flatten(tree[key], f'{prefix}/{key}'))
+    return flat
+  return {prefix: tuple(tree if isinstance(tree, tuple) else tree.shape)}
+
+
+def _network_order(key: str) -> tuple:
+  match = re.fullmatch(r'layer(\d+)_(\d+)', str(key))
+  if match:
+    return (1, int(match.group(1)), int(match.group(2)), '')
+  return ({'stem': 0, 'bn_final': 2, 'fc': 3}.get(str(key), 1), 0, 0, str(key))
 
 
 def write_config(workdir: str, config_dict: dict[str, Any]) -> None:

@@ -41,8 +41,8 @@ class MetricWriter:
     """Drops records past `step`: a resumed run rewrites them exactly."""
     if not self.enabled or not os.path.exists(self.path):
       return
-    with open(self.path, encoding='utf-8') as f:
-      kept = [line for line in f if json.loads(line)['step'] <= step]
+    kept = [json.dumps(r, sort_keys=True) + '\n'
+            for r in _parse_lines(self.path) if r['step'] <= step]
     tmp = self.path + '.tmp'
     with open(tmp, 'w', encoding='utf-8') as f:
       f.writelines(kept)
@@ -55,10 +55,19 @@ class MetricWriter:
 
 def read_records(workdir: str) -> list[dict[str, Any]]:
   path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
+  return _parse_lines(path) if os.path.exists(path) else []
+
+
+def _parse_lines(path: str) -> list[dict[str, Any]]:
+  """Records of a metrics log; a line cut short by a kill is dropped."""
+  records = []
   with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return records
 
 
 def plot_curves(workdir: str) -> str | None:

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from resnet_jax import (checkpointing, device_data, input_pipeline, models,
-                        optim, sharding, train_step)
+from resnet_jax import (checkpointing, convert, device_data, input_pipeline,
+                        models, optim, sharding, train_step)
 from resnet_jax.blocks import ImageNetStem
 from resnet_jax.errors import UserError
 
@@ -55,7 +55,7 @@ def build(config: Any) -> Run:
   mesh = sharding.make_mesh()
   sharding.check_batch_size(config.batch_size)
   sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
-  data = device_data.load(config, mesh)
+  data = device_data.load(config, mesh, config.image_size)
   model = models.create_model(
       config.model, num_classes=data.info.num_classes,
       conv_impl=config.conv_impl, width=config.width or None,
@@ -98,17 +98,19 @@ def init_state(run: Run) -> train_step.TrainState:
 
 def warm_start(run: Run, state: train_step.TrainState) -> train_step.TrainState:
   """params and batch_stats from `init_from` (DIR or DIR:STEP); a head of
-  another size is left freshly initialised. Optimizer state and step are
-  the new run's."""
+  another size is left freshly initialised, and an RGB stem is adapted to the
+  data's channels. Optimizer state and step are the new run's."""
   source, _, step = run.config.init_from.partition(':')
   if not os.path.isdir(os.path.join(source, checkpointing.CHECKPOINT_DIR)):
     raise UserError(f'init_from={run.config.init_from!r}: no checkpoints under '
-                    f'{source!r}; give a workdir of an earlier run')
+                    f'{source!r}; give a workdir of an earlier run or a '
+                    'directory written by python -m resnet_jax.convert')
   variables, _ = checkpointing.Checkpointer(source, read_only=True,
                                             async_save=False).restore_variables(
                                                 int(step) if step else None)
   current = {'params': state.params, 'batch_stats': state.batch_stats}
   loaded = _keep_new_head_if_resized(variables, current)
+  loaded = _adapt_input_channels(loaded, current)
   checkpointing.check_compatible(
       jax.tree.map(lambda x: tuple(x.shape), loaded),
       jax.tree.map(lambda x: tuple(x.shape), current))
@@ -127,6 +129,23 @@ def _keep_new_head_if_resized(loaded: dict, current: dict) -> dict:
                    fc_new['kernel'].shape[1], fc_old['kernel'].shape[1])
       loaded = dict(loaded, params=dict(loaded['params'], fc=fc_new))
   return loaded
+
+
+def _adapt_input_channels(loaded: dict, current: dict) -> dict:
+  """RGB weights for grayscale data: the stem kernel is summed over its input
+  channels, so a gray image gives what the RGB model gives on it replicated
+  to RGB (other counts: convert.adapt_input_channels tiles it)."""
+  try:
+    old = loaded['params']['stem']['conv1']['kernel']
+    new = current['params']['stem']['conv1']['kernel']
+  except (KeyError, TypeError):
+    return loaded
+  if old.ndim != 4 or old.shape[2] == new.shape[2] or (
+      old.shape[:2] + old.shape[3:] != new.shape[:2] + new.shape[3:]):
+    return loaded  # Same channels, or another stem: check_compatible decides.
+  logging.info('stem kernel adapted from %d to %d input channels',
+               old.shape[2], new.shape[2])
+  return convert.adapt_input_channels(loaded, new.shape[2])
 
 
 def compile_steps(run: Run):

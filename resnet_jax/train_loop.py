@@ -17,8 +17,7 @@ from typing import Any
 import jax
 from absl import logging
 
-from resnet_jax import (checkpointing, input_pipeline, metric_writers,
-                        run_setup)
+from resnet_jax import checkpointing, metric_writers, run_setup
 from resnet_jax.errors import UserError
 
 
@@ -141,12 +140,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   t_window = t_epoch = time.perf_counter()
   window_start = step
   try:
-    stream = input_pipeline.train_index_stream(
-        run.data.info.num_train, config.batch_size, config.seed,
-        start_step=step)
+    batches = run.data.train_batches(step, config.batch_size, config.seed)
     while step < run.total_steps:
-      _, _, indices = next(stream)
-      state, metrics = train_fn(state, run.data.train_batch(indices))
+      state, metrics = train_fn(state, next(batches))
       step += 1
       pending.append((step, metrics))
       end_of_epoch = step % spe == 0 or step == run.total_steps

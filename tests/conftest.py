@@ -3,11 +3,23 @@ real Fashion-MNIST prepared once per session from ../shared/data."""
 
 import os
 import pathlib
+import tempfile
 
-import numpy as np
-import pytest
+# One persistent XLA compilation cache for the session, shared with the
+# subprocesses the tests start: the same small programs compile once.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      tempfile.mkdtemp(prefix='resnet_jax_xla_cache_'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
-from resnet_jax import input_pipeline
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update('jax_compilation_cache_dir',
+                  os.environ['JAX_COMPILATION_CACHE_DIR'])
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+
+from resnet_jax import input_pipeline  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FASHION_MNIST_FILES = ROOT.parent / 'shared' / 'data' / 'fashion_mnist'

@@ -75,5 +75,38 @@ def sharded_step() -> dict:
           'devices': jax.device_count()}
 
 
+def restore_and_compare(workdir: str) -> dict:
+  """Restores the latest checkpoint of `workdir` onto all local devices and
+  compares every value with the raw arrays on disk."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  from resnet_jax import checkpointing, run_setup  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  run = run_setup.build(config)
+  ckpt = checkpointing.Checkpointer(workdir, read_only=True, async_save=False)
+  state, meta = ckpt.restore(run_setup.init_state(run), run.replicated)
+  restored = serialization.to_state_dict(state)
+  raw, _ = ckpt.restore_raw(meta['step'])  # unsharded, one device
+  pairs = zip(jax.tree.leaves({k: restored[k] for k in raw}),
+              jax.tree.leaves(raw))
+  equal = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs)
+  on_all = all(len(x.sharding.device_set) == jax.device_count()
+               for x in jax.tree.leaves(state.params))
+  return {'devices': jax.device_count(), 'equal': bool(equal and on_all),
+          'step': int(meta['step'])}
+
+
+def train_tiny(workdir: str, data_dir: str) -> dict:
+  """The tiny run of test_checkpoints, on every (simulated) device."""
+  from resnet_jax import train_loop  # pylint: disable=g-import-not-at-top
+  from test_training import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config('default', data_dir, width=4, batch_size=32,
+                       num_train_steps=8, checkpoint_every_steps=4,
+                       eval_batch_size=40)
+  train_loop.train_and_evaluate(config, workdir)
+  return {'devices': jax.device_count()}
+
+
 if __name__ == '__main__':
   print(json.dumps(globals()[sys.argv[1]](*sys.argv[2:])))

@@ -1,0 +1,204 @@
+"""Checkpoints: exact resume after SIGKILL and SIGTERM, fallback from a
+corrupt checkpoint, evaluation, warm start, mismatches, non-finite stops."""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from resnet_jax import checkpointing, train_loop
+from resnet_jax.errors import UserError
+from test_training import ROOT, _env, run_check, tiny_config
+
+TIMING_FIELDS = ('images_per_sec', 'examples_per_sec')
+
+
+def _cmd(workdir, data_dir, *extra):
+  return [sys.executable, str(ROOT / 'train.py'), f'--workdir={workdir}',
+          f'--config.tfds_data_dir={data_dir}', '--config.width=4',
+          '--config.batch_size=32', '--config.eval_batch_size=50',
+          '--config.num_train_steps=20', '--config.warmup_epochs=0',
+          '--config.log_every_steps=2', '--config.checkpoint_every_steps=3',
+          '--config.augment.crop_padding=2', '--config.augment.flip=True',
+          '--config.progress_bar=False', *extra]
+
+
+def _run_until(cmd, workdir, step, sig):
+  """Starts a run, sends `sig` once the checkpoint of `step` is complete."""
+  proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  target = pathlib.Path(workdir) / 'checkpoints' / str(step)
+  deadline = time.time() + 400
+  while not target.is_dir():
+    if proc.poll() is not None:
+      raise AssertionError(f'run ended before step {step}: '
+                           f'{proc.stderr.read()[-3000:]}')
+    if time.time() > deadline:
+      proc.kill()
+      raise AssertionError(f'no checkpoint {step} after 400 s')
+    time.sleep(0.05)
+  proc.send_signal(sig)
+  out, err = proc.communicate(timeout=300)
+  return proc.returncode, out, err
+
+
+def _final_state(workdir, step=20):
+  path = pathlib.Path(workdir) / 'checkpoints' / str(step) / 'state'
+  return ocp.StandardCheckpointer().restore(path)
+
+
+def _records(workdir):
+  lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
+  return [{k: v for k, v in json.loads(l).items() if k not in TIMING_FIELDS}
+          for l in lines]
+
+
+def test_resume_after_kills_and_sigterm_is_bitwise_identical(fake_data_dir,
+                                                              tmp_path):
+  ref, run = tmp_path / 'reference', tmp_path / 'interrupted'
+  out = subprocess.run(_cmd(ref, fake_data_dir), env=_env(),
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  # Kill points: right after the first checkpoint, after the epoch boundary
+  # (step 8, with its evaluation), then a preemption by SIGTERM.
+  for step, sig in ((3, signal.SIGKILL), (9, signal.SIGKILL),
+                    (15, signal.SIGTERM)):
+    code, _, err = _run_until(_cmd(run, fake_data_dir), run, step, sig)
+    if sig == signal.SIGTERM:
+      assert code == 0, err[-3000:]  # a clean preemption for schedulers
+      assert 'resume with the same command' in err
+    else:
+      assert code == -signal.SIGKILL
+  out = subprocess.run(_cmd(run, fake_data_dir), env=_env(),
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  a, b = _final_state(ref), _final_state(run)
+  for section in ('params', 'batch_stats', 'opt_state', 'step', 'rng'):
+    leaves_a = [np.asarray(x) for x in _leaves(a[section])]
+    leaves_b = [np.asarray(x) for x in _leaves(b[section])]
+    assert len(leaves_a) == len(leaves_b) > 0
+    for x, y in zip(leaves_a, leaves_b):
+      np.testing.assert_array_equal(x, y, err_msg=section)
+  assert _records(ref) == _records(run)
+
+
+def _leaves(tree):
+  if isinstance(tree, dict):
+    for k in sorted(tree):
+      yield from _leaves(tree[k])
+  elif isinstance(tree, (list, tuple)):
+    for v in tree:
+      yield from _leaves(v)
+  else:
+    yield tree
+
+
+@pytest.fixture(scope='module')
+def trained(fake_data_dir, tmp_path_factory):
+  """A finished tiny run with checkpoints at steps 4 and 8 (end of epoch)."""
+  workdir = tmp_path_factory.mktemp('trained')
+  config = tiny_config('default', fake_data_dir, width=4, batch_size=32,
+                       num_train_steps=8, checkpoint_every_steps=4,
+                       eval_batch_size=40)
+  result = train_loop.train_and_evaluate(config, str(workdir))
+  return config, workdir, result
+
+
+def test_eval_mode_reports_the_full_test_set(trained, capsys):
+  config, workdir, result = trained
+  config = config.copy_and_resolve_references()
+  config.mode = 'eval'
+  evaluated = train_loop.evaluate_checkpoint(config, str(workdir))
+  assert evaluated['step'] == 8 and evaluated['test_count'] == 100
+  assert evaluated['test_accuracy'] == pytest.approx(result['test_accuracy'])
+  assert 'step 8: test loss' in capsys.readouterr().out
+  config.eval_step = 4
+  assert train_loop.evaluate_checkpoint(config, str(workdir))['step'] == 4
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(trained, tmp_path,
+                                                         caplog):
+  config, workdir, _ = trained
+  copy = tmp_path / 'copy'
+  shutil.copytree(workdir, copy)
+  for f in (copy / 'checkpoints' / '8' / 'state').rglob('*'):
+    if f.is_file() and f.stat().st_size > 100:
+      f.write_bytes(b'\0' * 17)  # truncated, garbage array data
+  config = config.copy_and_resolve_references()
+  config.mode = 'eval'
+  result = train_loop.evaluate_checkpoint(config, str(copy))
+  assert result['step'] == 4
+  assert 'unreadable' in caplog.text
+  assert (copy / 'checkpoints' / '8').is_dir()  # nothing deleted
+  for f in (copy / 'checkpoints' / '4' / 'state').rglob('*'):
+    if f.is_file() and f.stat().st_size > 100:
+      f.write_bytes(b'\0' * 17)
+  with pytest.raises(UserError, match='no readable checkpoint'):
+    train_loop.evaluate_checkpoint(config, str(copy))
+
+
+def test_warm_start_with_a_new_head(trained, fake_data_dir, tmp_path):
+  _, workdir, _ = trained
+  config = tiny_config('cifar10_resnet20', fake_data_dir, width=4,
+                       dataset='cifar100', num_train_steps=1,
+                       learning_rate=0.0, weight_decay=0.0)
+  config.init_from = f'{workdir}:8'
+  # fashion_mnist is 1-channel and cifar100 3-channel: the stem differs.
+  with pytest.raises(UserError, match='stem/conv1/kernel'):
+    train_loop.train_and_evaluate(config, str(tmp_path / 'a'))
+  config.dataset = 'fashion_mnist'
+  config.model = 'cifar_resnet20'
+  config.zero_init_residual = True
+  train_loop.train_and_evaluate(config, str(tmp_path / 'b'))
+  source, _ = checkpointing.Checkpointer(
+      str(workdir), read_only=True, async_save=False).restore_variables(8)
+  warm, meta = checkpointing.Checkpointer(
+      str(tmp_path / 'b'), read_only=True, async_save=False).restore_variables()
+  assert meta['step'] == 1  # its own step count, not the source's
+  np.testing.assert_array_equal(source['params']['layer2_0']['conv1']['kernel'],
+                                warm['params']['layer2_0']['conv1']['kernel'])
+
+
+def test_restoring_into_another_architecture_names_the_parameter(trained):
+  config, workdir, _ = trained
+  config = config.copy_and_resolve_references()
+  config.mode, config.width = 'eval', 8
+  with pytest.raises(UserError, match=r'params/stem/bn1/bias has shape '
+                     r'\(4,\) in the checkpoint but \(8,\) in the model'):
+    train_loop.evaluate_checkpoint(config, str(workdir))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(fake_data_dir,
+                                                             tmp_path):
+  config = tiny_config('default', fake_data_dir, width=4, batch_size=32,
+                       num_train_steps=8, checkpoint_every_steps=2,
+                       learning_rate=1e30, schedule='constant')
+  with pytest.raises(train_loop.NonFiniteError, match=r'at step \d'):
+    train_loop.train_and_evaluate(config, str(tmp_path))
+  steps = checkpointing.Checkpointer(str(tmp_path), read_only=True,
+                                     async_save=False).all_steps()
+  for step in steps:
+    state = _final_state(tmp_path, step)
+    assert all(np.all(np.isfinite(x)) for x in _leaves(state['params']))
+
+
+def test_checkpoint_restores_on_another_device_count(trained, fake_data_dir,
+                                                     tmp_path):
+  _, workdir, _ = trained
+  # Written on 1 device, restored on 8: the values are equal.
+  r = run_check('restore_and_compare', str(workdir))
+  assert r == {'devices': 8, 'equal': True, 'step': 8}
+  # Written on 8 devices, restored on 1.
+  eight = tmp_path / 'eight'
+  assert run_check('train_tiny', str(eight), fake_data_dir)['devices'] == 8
+  from multidevice_checks import restore_and_compare  # pylint: disable=g-import-not-at-top
+  assert restore_and_compare(str(eight)) == {'devices': 1, 'equal': True,
+                                             'step': 8}
