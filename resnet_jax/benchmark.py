@@ -21,6 +21,12 @@ pipes: 32 fp32 FLOP/cycle, like Zen 3) /proc/cpuinfo reports 2596 MHz, giving
 2 x 2.596 GHz x 32 = 166 GFLOP/s, 6% above the 157 GFLOP/s (2.45 GHz) the
 project brief quotes; the hypervisor reports the nominal clock, so either is an
 approximate ceiling. The CPU figure is the fp32 peak also for bfloat16.
+
+FLOPs are what each compiled program does, so they differ between conv_impls:
+XLA counts a convolution's multiply-adds on real inputs only, the patches path
+also multiplies the zero padding it copies out (ResNet-18 at 32x32, whose last
+3x3 convs see 2x2 and 1x1 maps: 0.044 against 0.076 GFLOP per forward).
+Compare implementations by images/s.
 """
 
 import argparse
@@ -110,7 +116,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
   p.add_argument('--data', default='synthetic',
                  help="'synthetic' or an in-memory TFDS name (fashion_mnist)")
   p.add_argument('--data_dir', default=None, help='TFDS data dir')
-  p.add_argument('--ratio_rounds', type=int, default=3,
+  p.add_argument('--ratio_rounds', type=int, default=5,
                  help='alternating synthetic/data rounds for the data ratio')
   p.add_argument('--json', default=None, help='write all figures here')
   return p.parse_args(argv)
@@ -165,6 +171,9 @@ def make_options(argv: list[str]) -> Options:
                            ('ratio_rounds', a.ratio_rounds, 1)):
     if value is not None and value < low:
       raise UserError(f'--{name}={value} must be at least {low}')
+  if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
+    raise UserError(f'--json {a.json}: its directory does not exist; create '
+                    'it or choose another path')
   return Options(config, shape, a.num_classes, a.steps, a.warmup, a.data,
                  a.ratio_rounds, a.json, list(argv))
 
@@ -232,8 +241,10 @@ def build_run(opts: Options) -> tuple[run_setup.Run, dict]:
   run = run_setup.Run(c, mesh, data, model, image_size, steps_per_epoch=1,
                       total_steps=1,
                       schedule=optax.constant_schedule(c.learning_rate))
-  batch = _random_batch(data.info.image_shape, data.info.num_classes,
-                        c.batch_size)
+  shape = data.info.image_shape
+  if not shape[0]:  # streamed images of varying size arrive at image_size
+    shape = (image_size, image_size, shape[-1])
+  batch = _random_batch(shape, data.info.num_classes, c.batch_size)
   return run, {k: sharding.global_array_from_host(mesh, v,
                                                   P(sharding.DATA_AXIS))
                for k, v in batch.items()}
@@ -329,15 +340,19 @@ def _data_ratio(train: Any, state: Any, run: run_setup.Run, batch: dict,
 
   synthetic_step = lambda s: train(s, batch)
   state, _ = _timed(data_step, state, max(opts.warmup, 1))
-  ratios, rates = [], []
+  t_syn, t_data = [], []
   for _ in range(opts.ratio_rounds):
-    state, t_syn = _pipelined(synthetic_step, state, opts.steps)
-    state, t_data = _pipelined(data_step, state, opts.steps)
-    ratios.append(t_syn / t_data)
-    rates.append(opts.steps * c.batch_size / t_data)
-  return state, {'dataset': opts.data, 'rounds': opts.ratio_rounds,
-                 'ratios': ratios, 'ratio_median': statistics.median(ratios),
-                 'images_per_s_median': statistics.median(rates)}
+    state, t = _pipelined(synthetic_step, state, opts.steps)
+    t_syn.append(t)
+    state, t = _pipelined(data_step, state, opts.steps)
+    t_data.append(t)
+  ratios = [s / d for s, d in zip(t_syn, t_data)]
+  return state, {
+      'dataset': opts.data, 'rounds': opts.ratio_rounds, 'ratios': ratios,
+      'ratio_median': statistics.median(ratios),
+      'ratio_of_totals': sum(t_syn) / sum(t_data),
+      'images_per_s': opts.ratio_rounds * opts.steps * c.batch_size
+                      / sum(t_data)}
 
 
 def run_benchmark(opts: Options) -> dict:
@@ -483,9 +498,10 @@ def print_report(r: dict) -> None:
           f'{_fmt_bytes(m["output_bytes"])} (per device)')
   if 'data_pipeline' in r:
     d = r['data_pipeline']
-    print(f'data {d["dataset"]}: {d["images_per_s_median"]:.1f} images/s, '
-          f'{d["ratio_median"]:.3f} of synthetic (median of {d["rounds"]} '
-          f'rounds: {", ".join(f"{x:.3f}" for x in d["ratios"])})')
+    print(f'data {d["dataset"]}: {d["images_per_s"]:.1f} images/s pipelined, '
+          f'{d["ratio_of_totals"]:.3f} of synthetic over {d["rounds"]} '
+          f'alternating rounds (per round: '
+          f'{", ".join(f"{x:.3f}" for x in d["ratios"])})')
   load = r['load_average']
   print(f'max RSS {_fmt_bytes(r["max_rss_bytes"])}; load average '
         f'{load["start"][0]:.2f} -> {load["end"][0]:.2f}')

@@ -104,7 +104,8 @@ def test_cli_on_8_devices_with_the_in_memory_pipeline(sharded, single):
     assert 1.6 < ratio < 2.6, (step, ratio)
   d = sharded['data_pipeline']
   assert d['dataset'] == 'fashion_mnist' and len(d['ratios']) == 2
-  assert d['ratio_median'] > 0 and d['images_per_s_median'] > 0
+  assert d['ratio_median'] > 0 and d['ratio_of_totals'] > 0
+  assert d['images_per_s'] > 0
 
 
 def test_unknown_model_is_one_line_exit_2(capsys):
@@ -125,6 +126,7 @@ def test_batch_not_divisible_by_devices_is_one_line_exit_2():
     (['--steps', '0'], '--steps=0'),
     (['--channels', '2'], 'channels'),
     (['--data', 'fashion_mnist', '--channels', '1'], 'leave --channels out'),
+    (['--json', '/no/such/dir/out.json'], 'directory does not exist'),
 ])
 def test_other_bad_input_is_one_line_exit_2(capsys, args, message):
   assert benchmark.main(TINY + ['--image_size', '16'] + args) == 2
