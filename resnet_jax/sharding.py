@@ -6,6 +6,8 @@ the cross-device reductions, so a BatchNorm mean over the batch axis is the
 mean over the global batch (synchronised BatchNorm) with no extra code.
 """
 
+import os
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -19,14 +21,24 @@ def initialize_distributed() -> None:
   """Joins the other processes when launched as several (pods, clusters).
 
   JAX detects TPU pods, SLURM and Open MPI by itself; elsewhere set
-  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+  JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID in each process. CPU processes talk through gloo.
   """
-  import os  # pylint: disable=g-import-not-at-top
-  if os.environ.get('JAX_NUM_PROCESSES', '1') != '1' or any(
-      k in os.environ for k in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE',
-                                'TPU_WORKER_HOSTNAMES')):
-    if not jax.distributed.is_initialized():
-      jax.distributed.initialize()
+  if jax.distributed.is_initialized():
+    return
+  num_processes = int(os.environ.get('JAX_NUM_PROCESSES', '1'))
+  if num_processes > 1:
+    if 'JAX_COORDINATOR_ADDRESS' not in os.environ or (
+        'JAX_PROCESS_ID' not in os.environ):
+      raise UserError('JAX_NUM_PROCESSES > 1 needs JAX_COORDINATOR_ADDRESS '
+                      '(host:port of process 0) and JAX_PROCESS_ID (0..N-1)')
+    jax.distributed.initialize(os.environ['JAX_COORDINATOR_ADDRESS'],
+                               num_processes=num_processes,
+                               process_id=int(os.environ['JAX_PROCESS_ID']))
+  elif (int(os.environ.get('SLURM_NTASKS', '1')) > 1 or
+        int(os.environ.get('OMPI_COMM_WORLD_SIZE', '1')) > 1 or
+        ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '')):
+    jax.distributed.initialize()  # the cluster's own environment says how
 
 
 def make_mesh() -> Mesh:

@@ -11,7 +11,6 @@ import sys
 import time
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from resnet_jax import checkpointing, train_loop
@@ -24,7 +23,7 @@ TIMING_FIELDS = ('images_per_sec', 'examples_per_sec')
 def _cmd(workdir, data_dir, *extra):
   return [sys.executable, str(ROOT / 'train.py'), f'--workdir={workdir}',
           f'--config.tfds_data_dir={data_dir}', '--config.width=4',
-          '--config.batch_size=32', '--config.eval_batch_size=50',
+          '--config.batch_size=32', '--config.eval_batch_size=40',
           '--config.num_train_steps=20', '--config.warmup_epochs=0',
           '--config.log_every_steps=2', '--config.checkpoint_every_steps=3',
           '--config.augment.crop_padding=2', '--config.augment.flip=True',
@@ -51,8 +50,9 @@ def _run_until(cmd, workdir, step, sig):
 
 
 def _final_state(workdir, step=20):
-  path = pathlib.Path(workdir) / 'checkpoints' / str(step) / 'state'
-  return ocp.StandardCheckpointer().restore(path)
+  """The stored state of `step` on one device, whatever device count wrote it."""
+  return checkpointing.Checkpointer(str(workdir), read_only=True,
+                                    async_save=False).restore_raw(step)[0]
 
 
 def _records(workdir):
@@ -145,18 +145,17 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(trained, tmp_path,
     train_loop.evaluate_checkpoint(config, str(copy))
 
 
-def test_warm_start_with_a_new_head(trained, fake_data_dir, tmp_path):
+def test_warm_start_with_a_new_head_and_rgb_input(trained, fake_data_dir,
+                                                 tmp_path):
   _, workdir, _ = trained
-  config = tiny_config('cifar10_resnet20', fake_data_dir, width=4,
+  config = tiny_config('cifar10_resnet20', fake_data_dir, width=8,
                        dataset='cifar100', num_train_steps=1,
                        learning_rate=0.0, weight_decay=0.0)
   config.init_from = f'{workdir}:8'
-  # fashion_mnist is 1-channel and cifar100 3-channel: the stem differs.
-  with pytest.raises(UserError, match='stem/conv1/kernel'):
+  with pytest.raises(UserError, match=r'params/stem/bn1/bias has shape \(4,\)'):
     train_loop.train_and_evaluate(config, str(tmp_path / 'a'))
-  config.dataset = 'fashion_mnist'
-  config.model = 'cifar_resnet20'
-  config.zero_init_residual = True
+  # Same architecture, 100 classes instead of 10, RGB instead of gray.
+  config.width, config.zero_init_residual = 4, True
   train_loop.train_and_evaluate(config, str(tmp_path / 'b'))
   source, _ = checkpointing.Checkpointer(
       str(workdir), read_only=True, async_save=False).restore_variables(8)
@@ -165,6 +164,8 @@ def test_warm_start_with_a_new_head(trained, fake_data_dir, tmp_path):
   assert meta['step'] == 1  # its own step count, not the source's
   np.testing.assert_array_equal(source['params']['layer2_0']['conv1']['kernel'],
                                 warm['params']['layer2_0']['conv1']['kernel'])
+  assert warm['params']['fc']['kernel'].shape == (16, 100)
+  assert warm['params']['stem']['conv1']['kernel'].shape == (3, 3, 3, 4)
 
 
 def test_restoring_into_another_architecture_names_the_parameter(trained):
@@ -202,3 +203,46 @@ def test_checkpoint_restores_on_another_device_count(trained, fake_data_dir,
   from multidevice_checks import restore_and_compare  # pylint: disable=g-import-not-at-top
   assert restore_and_compare(str(eight)) == {'devices': 1, 'equal': True,
                                              'step': 8}
+
+
+def _free_port() -> int:
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process_on_eight_devices(fake_data_dir,
+                                                          tmp_path):
+  common = ['--config.num_train_steps=6', '--config.checkpoint_every_steps=3']
+  one = tmp_path / 'one'
+  out = subprocess.run(
+      _cmd(one, fake_data_dir, *common), capture_output=True, text=True,
+      timeout=600, env=_env(XLA_FLAGS='--xla_force_host_platform_device_count=8'))
+  assert out.returncode == 0, out.stderr[-3000:]
+  two = tmp_path / 'two'
+  port = _free_port()
+  procs = [subprocess.Popen(
+      _cmd(two, fake_data_dir, *common), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True,
+      env=_env(XLA_FLAGS='--xla_force_host_platform_device_count=4',
+               JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i),
+               JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}'))
+           for i in range(2)]
+  results = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, results):
+    assert p.returncode == 0, err[-3000:]
+  # Only process 0 prints the epoch line and writes logs and plots.
+  assert 'test acc' in results[0][0] and 'test acc' not in results[1][0]
+  assert (two / 'curves.png').exists() and (two / 'metrics.jsonl').exists()
+  a, b = _final_state(one, 6), _final_state(two, 6)
+  for section in ('params', 'batch_stats', 'opt_state'):
+    for x, y in zip(_leaves(a[section]), _leaves(b[section])):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5,
+                                 atol=1e-6, err_msg=section)
+  assert [r['loss'] for r in _records(one) if 'loss' in r] == pytest.approx(
+      [r['loss'] for r in _records(two) if 'loss' in r], rel=1e-5)
+  # The checkpoint the two processes wrote restores in one process.
+  from multidevice_checks import restore_and_compare  # pylint: disable=g-import-not-at-top
+  assert restore_and_compare(str(two)) == {'devices': 1, 'equal': True,
+                                           'step': 6}

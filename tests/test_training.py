@@ -38,7 +38,9 @@ def test_sharded_step_equals_single_device_step():
   r = run_check('sharded_step')
   assert r['devices'] == 8
   np.testing.assert_allclose(r['loss'][0], r['loss'][1], rtol=1e-5)
-  np.testing.assert_allclose(r['grad_norm'][0], r['grad_norm'][1], rtol=1e-4)
+  # Gradients are sums in another order on 8 devices: BN bias gradients
+  # differ by up to ~1e-2 relative in float32, their norm by ~1e-4.
+  np.testing.assert_allclose(r['grad_norm'][0], r['grad_norm'][1], rtol=1e-3)
   assert r['correct'][0] == r['correct'][1]
   # BatchNorm over the global batch: with 4 examples per device, per-device
   # statistics would differ from the single-device ones by far more.
