@@ -9,7 +9,7 @@ from configs import default
 
 
 def get_config():
-  c = default.get_config()
+  c = default.base_config()
   c.model = 'cifar_resnet56'
   c.zero_init_residual = False
   c.dataset = 'cifar10'

@@ -9,7 +9,7 @@ from configs import default
 
 
 def get_config():
-  c = default.get_config()
+  c = default.base_config()
   c.model = 'd2l_resnet18'
   c.zero_init_residual = False
   c.dataset = 'fashion_mnist'

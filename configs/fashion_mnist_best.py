@@ -12,7 +12,7 @@ from configs import default
 
 
 def get_config():
-  c = default.get_config()
+  c = default.base_config()
   c.model = 'cifar_resnet20'
   c.width = 64
   c.batch_size = 128

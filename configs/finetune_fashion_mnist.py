@@ -35,7 +35,7 @@ from configs import default
 
 
 def get_config():
-  c = default.get_config()
+  c = default.base_config()
   c.model = 'resnet18'
   c.width = 0                  # must match the converted weights (64)
   # A directory written by `python -m resnet_jax.convert` (or any workdir of a

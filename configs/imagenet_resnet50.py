@@ -11,7 +11,7 @@ from configs import default
 
 
 def get_config():
-  c = default.get_config()
+  c = default.base_config()
   c.model = 'resnet50'
   c.zero_init_residual = True
   c.dataset = 'imagenet2012'

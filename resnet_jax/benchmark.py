@@ -40,7 +40,6 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 from typing import Any, Callable
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -57,16 +56,6 @@ from resnet_jax.errors import UserError  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), 'configs', 'default.py')
-# Used only where ml_collections (and so configs/default.py) is missing: the
-# fields of configs/default.py that the state and the steps read.
-_FALLBACK_CONFIG = dict(
-    seed=0, zero_init_residual=True, optimizer='sgd', momentum=0.9,
-    nesterov=True, learning_rate=0.2, weight_decay=5e-4,
-    decay_bn_and_bias=False, grad_clip_norm=0.0, label_smoothing=0.0,
-    augment=None, dataset='fashion_mnist', tfds_data_dir='',
-    tfds_manual_dir='', validation_examples=0, model='cifar_resnet20',
-    batch_size=128, image_size=0, width=0, conv_impl='auto',
-    half_precision=False)
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 # device_kind substring (lower case; first match wins) -> dense peak FLOP/s per
@@ -84,7 +73,7 @@ PEAK_FLOPS = (
 
 @dataclasses.dataclass
 class Options:
-  config: Any  # run config (ml_collections or a namespace) with overrides
+  config: Any  # run config (ml_collections) with the flags' overrides
   input_shape: tuple[int, int, int] | None  # synthetic batch; None: --data's
   num_classes: int | None
   steps: int
@@ -123,7 +112,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def load_config(path: str) -> Any:
-  """get_config() of a config file; imports ml_collections only here."""
+  """get_config() of a config file (they need ml_collections)."""
   if not os.path.isfile(path):
     raise UserError(f'config file not found: {path!r}; give configs/X.py')
   root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
@@ -137,13 +126,9 @@ def load_config(path: str) -> Any:
 
 def make_options(argv: list[str]) -> Options:
   a = _parse(argv)
-  if a.config:
-    config = load_config(a.config)
-  else:
-    try:
-      config = load_config(_DEFAULT_CONFIG)
-    except (ImportError, UserError):  # no ml_collections, or no configs/
-      config = types.SimpleNamespace(**_FALLBACK_CONFIG)
+  config = load_config(a.config or _DEFAULT_CONFIG)
+  if a.model is not None and a.model != config.model:
+    config.stage_sizes = ()  # a stage override belongs to the config's model
   native = input_pipeline.IN_MEMORY_DATASETS.get(config.dataset)
   for field, value in (('model', a.model), ('batch_size', a.batch_size),
                        ('image_size', a.image_size), ('width', a.width),
@@ -230,12 +215,9 @@ def build_run(opts: Options) -> tuple[run_setup.Run, dict]:
     if data.info.num_train < c.batch_size:
       raise UserError(f'batch_size={c.batch_size} exceeds the '
                       f'{data.info.num_train} training examples of {opts.data}')
-  model = models.create_model(
-      c.model, num_classes=data.info.num_classes, conv_impl=c.conv_impl,
-      width=c.width or None, zero_init_residual=c.zero_init_residual,
-      dtype=jnp.bfloat16 if c.half_precision else jnp.float32)
+  model = run_setup.model_from_config(c, data.info.num_classes)
   image_size = c.image_size or data.info.image_shape[0]
-  run_setup._check_image_size(model, image_size)  # pylint: disable=protected-access
+  run_setup.check_image_size(model, image_size)
   # The learning rate's schedule costs a few scalar ops; a constant one keeps
   # the run independent of the dataset's length.
   run = run_setup.Run(c, mesh, data, model, image_size, steps_per_epoch=1,

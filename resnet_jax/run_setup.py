@@ -56,13 +56,9 @@ def build(config: Any) -> Run:
   sharding.check_batch_size(config.batch_size)
   sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
   data = device_data.load(config, mesh, config.image_size)
-  model = models.create_model(
-      config.model, num_classes=data.info.num_classes,
-      conv_impl=config.conv_impl, width=config.width or None,
-      zero_init_residual=config.zero_init_residual,
-      dtype=jnp.bfloat16 if config.half_precision else jnp.float32)
+  model = model_from_config(config, data.info.num_classes)
   image_size = config.image_size or data.info.image_shape[0]
-  _check_image_size(model, image_size)
+  check_image_size(model, image_size)
   steps_per_epoch = input_pipeline.steps_per_epoch(data.info.num_train,
                                                    config.batch_size)
   total_steps = (config.num_train_steps if config.num_train_steps > 0 else
@@ -72,7 +68,19 @@ def build(config: Any) -> Run:
              total_steps, schedule)
 
 
-def _check_image_size(model: models.ResNet, image_size: int) -> None:
+def model_from_config(config: Any, num_classes: int) -> models.ResNet:
+  """The model a config names, with its options (width, stage sizes, ...)."""
+  overrides = {}
+  if config.get('stage_sizes'):
+    overrides['stage_sizes'] = tuple(config.stage_sizes)
+  return models.create_model(
+      config.model, num_classes=num_classes, conv_impl=config.conv_impl,
+      width=config.width or None, zero_init_residual=config.zero_init_residual,
+      dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
+      **overrides)
+
+
+def check_image_size(model: models.ResNet, image_size: int) -> None:
   stem = 4 if model.stem_cls is ImageNetStem else 1
   factor = stem * 2 ** (len(model.stage_sizes) - 1)
   if image_size < factor:

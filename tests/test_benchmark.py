@@ -150,7 +150,11 @@ def test_config_file_then_flags():
   # No --config: configs/default.py.
   opts = benchmark.make_options(['--image_size', '32', '--channels', '3'])
   assert (opts.config.model, opts.config.batch_size) == ('cifar_resnet20', 128)
+  assert tuple(opts.config.stage_sizes) == (1, 1, 1)  # the default's ResNet-8
   assert opts.input_shape == (32, 32, 3)
+  # Another model drops the default's stage override: resnet18 is resnet18.
+  opts = benchmark.make_options(['--model', 'resnet18'])
+  assert tuple(opts.config.stage_sizes) == ()
 
 
 def test_peak_table_and_cpu_derivation():
@@ -173,30 +177,3 @@ def test_peak_table_and_cpu_derivation():
     assert f'{cores} cores' in source and peak > cores * 1e9
 
 
-def test_fallback_config_is_the_default_configs():
-  """Without ml_collections the tool uses a copy of configs/default.py's
-  fields; it must stay equal to the file."""
-  default = benchmark.load_config(str(ROOT / 'configs' / 'default.py'))
-  for key, value in benchmark._FALLBACK_CONFIG.items():  # pylint: disable=protected-access
-    if key == 'augment':
-      assert benchmark.preprocess.augment_config_from(default) is None
-    else:
-      assert default[key] == value, key
-
-
-def test_runs_without_ml_collections():
-  block = ('import sys\n'
-           'class Block:\n'
-           '  def find_spec(self, name, path=None, target=None):\n'
-           '    if name.split(".")[0] == "ml_collections":\n'
-           '      raise ModuleNotFoundError(name)\n'
-           'sys.meta_path.insert(0, Block())\n'
-           'from resnet_jax import benchmark\n'
-           'o = benchmark.make_options(["--image_size", "16"])\n'
-           'print(type(o.config).__name__, o.config.model, o.input_shape)\n')
-  out = subprocess.run([sys.executable, '-c', block], capture_output=True,
-                       text=True, env=_env(), cwd=ROOT, timeout=300,
-                       check=False)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert out.stdout.split() == ['SimpleNamespace', 'cifar_resnet20', '(28,',
-                                '28,', '1)']
