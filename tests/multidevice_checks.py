@@ -71,6 +71,8 @@ def sharded_step() -> dict:
           'grad_norm': [float(m1['grad_norm']), float(m8['grad_norm'])],
           'correct': [int(m1['correct']), int(m8['correct'])],
           'params_max_rel': max_rel(p1, p8),
+          'params_max_abs': max(float(np.max(np.abs(x - y))) for x, y in zip(
+              jax.tree.leaves(p1), jax.tree.leaves(p8))),
           'batch_stats_max_rel': max_rel(b1, b8),
           'devices': jax.device_count()}
 
