@@ -57,6 +57,8 @@ def sharded_step() -> dict:
   batch = {'image': rng.integers(0, 256, (32, 16, 16, 3)).astype(np.uint8),
            'label': rng.integers(0, 10, 32).astype(np.int32)}
   results = {}
+  init = train_step.create_train_state(model, tx, jax.random.key(1),
+                                       shape).params
   for n in (1, 8):
     state = train_step.create_train_state(model, tx, jax.random.key(1), shape)
     mesh = Mesh(np.array(jax.devices()[:n]), (sharding.DATA_AXIS,))
@@ -71,6 +73,8 @@ def sharded_step() -> dict:
           'grad_norm': [float(m1['grad_norm']), float(m8['grad_norm'])],
           'correct': [int(m1['correct']), int(m8['correct'])],
           'params_max_rel': max_rel(p1, p8),
+          'update_max_abs': max(float(np.max(np.abs(x - y))) for x, y in zip(
+              jax.tree.leaves(p1), jax.tree.leaves(jax.device_get(init)))),
           'params_max_abs': max(float(np.max(np.abs(x - y))) for x, y in zip(
               jax.tree.leaves(p1), jax.tree.leaves(p8))),
           'batch_stats_max_rel': max_rel(b1, b8),

@@ -45,10 +45,10 @@ def test_sharded_step_equals_single_device_step():
   # BatchNorm over the global batch: with 4 examples per device, per-device
   # statistics would differ from the single-device ones by far more.
   assert r['batch_stats_max_rel'] < 1e-5
-  # One SGD step moves a zero-initialised BN bias by lr * grad, whose ~1e-2
-  # relative summation-order noise shows as ~1e-2 relative in that leaf, but
-  # as < 1e-5 in absolute terms (parameters are O(0.1)).
-  assert r['params_max_abs'] < 1e-4
+  # Updated parameters differ by the gradients' summation-order noise (up to
+  # ~1e-2 relative for BN bias gradients) times the step: a few percent of
+  # the largest update at most. Unsynchronised BN would differ by far more.
+  assert r['params_max_abs'] < 0.05 * r['update_max_abs']
 
 
 def tiny_config(name: str, data_dir: str, **overrides):
