@@ -80,7 +80,7 @@ def train_step(state: TrainState, batch: Batch, *, preprocess: Preprocess,
       'loss_sum': loss * count,
       'correct': jnp.sum(jnp.argmax(logits, -1) == labels),
       'count': jnp.asarray(count, jnp.int32),
-      'grad_norm': optax.global_norm(grads),
+      'grad_norm': optax.tree.norm(grads),
   }
   return new_state, metrics
 
