@@ -24,10 +24,6 @@ from resnet_jax.errors import UserError
 CHECKPOINT_DIR = 'checkpoints'
 
 
-def _state_dict(state: Any) -> dict[str, Any]:
-  return {k: v for k, v in serialization.to_state_dict(state).items()}
-
-
 def _abstract(tree: Any, sharding: jax.sharding.Sharding) -> Any:
   """Restore targets: shapes and dtypes of `tree`, placed with `sharding`."""
   return jax.tree.map(
@@ -64,7 +60,7 @@ class Checkpointer:
     step = int(jax.device_get(state.step))
     self._manager.save(
         step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_state_dict(state)),
+            state=ocp.args.StandardSave(serialization.to_state_dict(state)),
             meta=ocp.args.JsonSave(dict(meta, step=step))),
         metrics=metrics, force=True)
 
@@ -92,7 +88,7 @@ class Checkpointer:
       candidates = steps[::-1]
     if not candidates:
       raise UserError(f'no checkpoint in {self.directory}')
-    template = _state_dict(target)
+    template = serialization.to_state_dict(target)
     check_compatible(self._read_shapes(candidates[0]) or {}, template)
     errors = []
     for s in candidates:
@@ -129,11 +125,9 @@ class Checkpointer:
   def restore_raw(self, step: int) -> tuple[dict, dict]:
     """The stored state tree as written (nested dicts), on one local device."""
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    tree = self._manager.item_metadata(step)['state']
-    tree = tree.tree if hasattr(tree, 'tree') else tree
     target = jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-        dict(tree), is_leaf=lambda m: hasattr(m, 'shape'))
+        self._stored_tree(step), is_leaf=lambda m: hasattr(m, 'shape'))
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     return restored['state'], dict(restored['meta'])
@@ -141,12 +135,15 @@ class Checkpointer:
   def _read_shapes(self, step: int) -> dict[str, Any] | None:
     """Shapes stored for `step`, to name the first mismatch before restoring."""
     try:
-      meta = self._manager.item_metadata(step)
-      tree = meta['state'].tree if hasattr(meta['state'], 'tree') else meta['state']
-      return jax.tree.map(lambda m: tuple(m.shape), dict(tree),
+      return jax.tree.map(lambda m: tuple(m.shape), self._stored_tree(step),
                           is_leaf=lambda m: hasattr(m, 'shape'))
     except Exception:  # pylint: disable=broad-except
       return None
+
+  def _stored_tree(self, step: int) -> dict[str, Any]:
+    """Orbax's metadata (shape, dtype, ...) of the stored state, as a dict."""
+    tree = self._manager.item_metadata(step)['state']
+    return dict(tree.tree if hasattr(tree, 'tree') else tree)
 
 
 def check_compatible(stored: dict[str, Any], expected: dict[str, Any],

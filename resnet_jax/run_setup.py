@@ -44,8 +44,7 @@ def build(config: Any) -> Run:
   if config.mode not in MODES:
     raise UserError(f'unknown mode {config.mode!r}; choose one of: '
                     f'{", ".join(MODES)}')
-  if config.model not in models.available_models():
-    models.create_model(config.model)  # raises the registry's error
+  models.model_defaults(config.model)  # an unknown name: the registry's error
   if config.optimizer not in optim.OPTIMIZERS:
     raise UserError(f'unknown optimizer {config.optimizer!r}; choose one of: '
                     f'{", ".join(optim.OPTIMIZERS)}')

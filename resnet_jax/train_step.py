@@ -117,12 +117,3 @@ def jit_steps(replicated: jax.sharding.Sharding,
       in_shardings=(replicated, batch_sharded), out_shardings=replicated)
   return train, evaluate
 
-
-def summarize(metrics: list[Metrics]) -> dict[str, float]:
-  """Means over a list of per-step metric sums (one device fetch)."""
-  fetched = jax.device_get(metrics)
-  loss = sum(float(m['loss_sum']) for m in fetched)
-  correct = sum(float(m['correct']) for m in fetched)
-  count = sum(float(m['count']) for m in fetched)
-  return {'loss': loss / max(count, 1), 'accuracy': correct / max(count, 1),
-          'count': count}
