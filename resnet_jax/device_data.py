@@ -95,11 +95,14 @@ class StreamingData:
 
     return _prefetch_to_device(self.mesh, host_batches())
 
-  def eval_batches(self, batch_size: int) -> Iterator[dict[str, jax.Array]]:
-    split = streaming.eval_split_name(input_pipeline.tfds_builder(
+  def __post_init__(self):
+    # Once, before any prefetch thread opens a stream.
+    self.eval_split = streaming.eval_split_name(input_pipeline.tfds_builder(
         self.info.name, self.config.tfds_data_dir or None))
+
+  def eval_batches(self, batch_size: int) -> Iterator[dict[str, jax.Array]]:
     return _prefetch_to_device(
-        self.mesh, self._stream(split, batch_size, False, 0))
+        self.mesh, self._stream(self.eval_split, batch_size, False, 0))
 
 
 def _prefetch_to_device(mesh: Mesh, batches: Iterator[dict[str, np.ndarray]],

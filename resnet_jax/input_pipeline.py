@@ -22,6 +22,7 @@ import json
 import os
 import socket
 import sys
+import threading
 from typing import Any, Iterator
 import urllib.parse
 
@@ -152,10 +153,19 @@ def _supported_message() -> str:
           'dataset with JPEG/PNG images)')
 
 
+# Opening TFDS datasets (building a builder, `as_dataset`) is serialised: the
+# prefetch threads open a new stream each epoch while the main thread may open
+# the eval split, and TFDS gives no thread-safety guarantee for these calls
+# (its test mocks patch the file system process-wide while opening). Reading
+# the opened tf.data pipelines stays fully parallel.
+TFDS_OPEN_LOCK = threading.RLock()
+
+
 def tfds_builder(name: str, data_dir: str | None = None):
   _, tfds = import_tfds()
   try:
-    return tfds.builder(name, data_dir=data_dir or None)
+    with TFDS_OPEN_LOCK:
+      return tfds.builder(name, data_dir=data_dir or None)
   except tfds.core.registered.DatasetNotFoundError:
     raise UserError(f'unknown dataset {name!r}; '
                     f'{_supported_message()}') from None

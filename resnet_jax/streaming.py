@@ -156,8 +156,9 @@ def streaming_dataset(
   Train drops the incomplete last batch.
   """
   tf, tfds = ip.import_tfds()
-  builder = ip.tfds_builder(name, data_dir)
-  ip.ensure_prepared(builder, manual_dir, data_dir)
+  with ip.TFDS_OPEN_LOCK:
+    builder = ip.tfds_builder(name, data_dir)
+    ip.ensure_prepared(builder, manual_dir, data_dir)
   keys = builder.info.supervised_keys
   if not keys:
     raise UserError(f'{name} has no (image, label) supervised keys')
@@ -172,9 +173,10 @@ def streaming_dataset(
   # Train shards are equal (drop_remainder) so every process runs the same
   # number of steps; eval keeps every example and pads instead.
   process_split = tfds.split_for_jax_process(split, drop_remainder=train)
-  ds = builder.as_dataset(
-      split=process_split, shuffle_files=train, read_config=read_config,
-      decoders={image_key: tfds.decode.SkipDecoding()})
+  with ip.TFDS_OPEN_LOCK:
+    ds = builder.as_dataset(
+        split=process_split, shuffle_files=train, read_config=read_config,
+        decoders={image_key: tfds.decode.SkipDecoding()})
   ds = ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32)))
 
   if train:
