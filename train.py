@@ -104,7 +104,9 @@ def main(argv: list[str]) -> None:
       train_loop.evaluate_checkpoint(config, _WORKDIR.value)
     else:
       train_loop.train_and_evaluate(config, _WORKDIR.value)
+    sharding.shutdown_distributed()
   except train_loop.Preempted as p:
+    sharding.shutdown_distributed()
     print(f'stopped at step {p.step} with a checkpoint saved; resume with the '
           f'same command: {" ".join(sys.argv)}', file=sys.stderr)
     sys.exit(p.exit_code)

@@ -16,6 +16,8 @@ from typing import Any
 
 import jax
 from absl import logging
+from jax.experimental import multihost_utils
+import numpy as np
 
 from resnet_jax import checkpointing, metric_writers, run_setup
 from resnet_jax.errors import UserError
@@ -65,6 +67,21 @@ class _StopSignal:
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     self.signum = signum
+
+  def agreed(self, step: int, every: int) -> bool:
+    """Whether to stop after `step`, decided the same in every process.
+
+    One process alone saves immediately. Several processes must stop at the
+    same step (saving is collective), and a scheduler's signal reaches them
+    at different moments, so they compare flags every `every` steps.
+    """
+    if jax.process_count() == 1:
+      return self.signum is not None
+    if step % every:
+      return False
+    flags = multihost_utils.process_allgather(np.int32(self.signum or 0))
+    self.signum = int(np.max(flags)) or None
+    return self.signum is not None
 
   def restore(self):
     for sig, handler in self._previous.items():
@@ -179,7 +196,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
       if step % config.checkpoint_every_steps == 0:
         _fetch(pending, [window, epoch_sums])
         save()
-      if stop.signum is not None:
+      if stop.agreed(step, config.log_every_steps):
         _fetch(pending, [window, epoch_sums])
         save()
         ckpt.wait()

@@ -213,35 +213,49 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.mark.skipif(
-    os.environ.get('RESNET_JAX_MULTIPROCESS_TEST') != '1',
-    reason='two JAX processes on 2 shared cores: passes alone (~60 s) but has '
-    'hit the coordination service shutdown-barrier timeout inside the full '
-    'suite; run with RESNET_JAX_MULTIPROCESS_TEST=1')
-def test_two_processes_equal_one_process_on_eight_devices(fake_data_dir,
-                                                          tmp_path):
-  common = ['--config.num_train_steps=6', '--config.checkpoint_every_steps=3']
-  one = tmp_path / 'one'
-  out = subprocess.run(
-      _cmd(one, fake_data_dir, *common), capture_output=True, text=True,
-      timeout=600, env=_env(XLA_FLAGS='--xla_force_host_platform_device_count=8'))
-  assert out.returncode == 0, out.stderr[-3000:]
-  two = tmp_path / 'two'
-  port = _free_port()
-  procs = [subprocess.Popen(
-      _cmd(two, fake_data_dir, *common), stdout=subprocess.PIPE,
+def _two_processes(workdir, data_dir, port, *extra):
+  return [subprocess.Popen(
+      _cmd(workdir, data_dir, *extra), stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True,
       env=_env(XLA_FLAGS='--xla_force_host_platform_device_count=4',
                JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i),
                JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}'))
-           for i in range(2)]
+          for i in range(2)]
+
+
+def test_two_processes_equal_one_process_and_survive_preemption(
+    fake_data_dir, tmp_path):
+  # Two processes of 4 simulated devices each, against one process of 8.
+  one = tmp_path / 'one'
+  out = subprocess.run(
+      _cmd(one, fake_data_dir), capture_output=True, text=True, timeout=600,
+      env=_env(XLA_FLAGS='--xla_force_host_platform_device_count=8'))
+  assert out.returncode == 0, out.stderr[-3000:]
+  # The scheduler's SIGTERM reaches only process 1: both must agree to stop
+  # at the same step, save together and exit 0.
+  two = tmp_path / 'two'
+  procs = _two_processes(two, fake_data_dir, _free_port())
+  deadline = time.time() + 400
+  while not (two / 'checkpoints' / '9').is_dir():
+    assert all(p.poll() is None for p in procs), procs[0].communicate()[1]
+    assert time.time() < deadline, 'no checkpoint 9 after 400 s'
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)
+  results = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, results):
+    assert p.returncode == 0, err[-3000:]
+    assert 'resume with the same command' in err, err[-3000:]
+  stopped = [int(s) for s in os.listdir(two / 'checkpoints') if s.isdigit()]
+  assert 9 < max(stopped) < 20
+  # The same command continues, and ends where one process ends.
+  procs = _two_processes(two, fake_data_dir, _free_port())
   results = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, results):
     assert p.returncode == 0, err[-3000:]
   # Only process 0 prints the epoch line and writes logs and plots.
   assert 'test acc' in results[0][0] and 'test acc' not in results[1][0]
   assert (two / 'curves.png').exists() and (two / 'metrics.jsonl').exists()
-  a, b = _final_state(one, 6), _final_state(two, 6)
+  a, b = _final_state(one), _final_state(two)
   for section in ('params', 'batch_stats', 'opt_state'):
     for x, y in zip(_leaves(a[section]), _leaves(b[section])):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5,
@@ -251,4 +265,4 @@ def test_two_processes_equal_one_process_on_eight_devices(fake_data_dir,
   # The checkpoint the two processes wrote restores in one process.
   from multidevice_checks import restore_and_compare  # pylint: disable=g-import-not-at-top
   assert restore_and_compare(str(two)) == {'devices': 1, 'equal': True,
-                                           'step': 6}
+                                           'step': 20}
