@@ -20,7 +20,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.width = 0                  # stem width override, 0 = the model's own
   c.stage_sizes = ()           # blocks per stage override, () = the model's
   c.zero_init_residual = True  # Goyal et al. 2017: blocks start as identity
-  c.conv_impl = 'xla'          # 'xla' | 'patches' | 'hybrid' | 'auto'
+  c.conv_impl = 'auto'         # auto: per-layer fastest on CPU, XLA's on GPU/TPU;
+                               # or 'xla' | 'patches' | 'hybrid'
   c.half_precision = False     # bfloat16 compute, float32 params and state
 
   # Data: a TFDS name; offline, point tfds_manual_dir at the download files.

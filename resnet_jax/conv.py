@@ -15,10 +15,18 @@ input along channels, and gives it a custom VJP that again uses one matmul each:
 
 `HybridConv` ('hybrid') keeps XLA's forward and input-gradient convolutions
 and only takes the kernel gradient from the matmul form. Which is fastest
-depends on the shapes: patches wins big on small feature maps with many
-channels (ResNet-18 at 32x32: ~4.5x XLA per train step), XLA's own conv on
-large maps with few channels (CIFAR ResNet-20: xla > hybrid > patches), where
-copying out the patches dominates. `configure_cpu_malloc` matters for all.
+depends on the layer, and per pass: patches win big on small feature maps
+with many channels (XLA's forward and input-gradient convolutions on 1x1 and
+2x2 maps with 256-512 channels run at 3-15 GFLOP/s, the matmuls at 150-200),
+on 1x1 convolutions (a plain matmul) and in the kernel gradient of layers with
+64 or more output channels; XLA's own convolutions win on large maps with few
+channels (16-32 channels at 28x28: 2-3x), where copying out the patches
+dominates. `AutoConv` ('auto' on the CPU) therefore chooses per layer and per
+pass (`auto_plan`). `configure_cpu_malloc` matters for all.
+
+Memory: the patches of a layer are kh*kw times its input. They are computed
+in batch chunks of at most `PATCH_BYTES_LIMIT` bytes each (a sequential loop
+over chunks), so a 3x3 layer never holds more than that in patches at once.
 
 The parameters ('kernel' HWIO, 'bias') have the names, shapes and initialisers
 of `flax.linen.Conv`, so checkpoints are interchangeable between
@@ -46,15 +54,23 @@ CONV_IMPLS = ('auto', 'xla', 'patches', 'hybrid')
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
+# Largest patch buffer (bytes) materialised at once; bigger ones are chunked
+# over the batch. The textbook ResNet-18 at 96x96 batch 256 would otherwise
+# hold 340 MB of patches per 64-channel layer.
+PATCH_BYTES_LIMIT = 128 * 2**20
+
 
 def resolve_conv_impl(impl: str) -> str:
-  """Returns the concrete implementation 'auto' stands for here ('xla' or 'patches')."""
+  """The implementation `impl` stands for on this backend.
+
+  'auto' is 'per_layer' (`AutoConv`) on the CPU and 'xla' elsewhere: only
+  XLA's CPU convolutions are slow, GPU/TPU convolutions are not.
+  """
   if impl not in CONV_IMPLS:
     raise UserError(
         f'unknown conv_impl {impl!r}: choose one of {", ".join(CONV_IMPLS)}')
   if impl == 'auto':
-    # Only XLA's CPU convolutions are slow; GPU/TPU convolutions are not.
-    return 'patches' if jax.default_backend() == 'cpu' else 'xla'
+    return 'per_layer' if jax.default_backend() == 'cpu' else 'xla'
   return impl
 
 
@@ -88,13 +104,14 @@ def get_conv(impl: str = 'auto') -> type[nn.Module]:
   'xla' is `flax.linen.Conv` itself; 'patches' is `PatchConv` (all three
   passes as matmuls); 'hybrid' keeps XLA's forward and input-gradient
   convolutions and computes only the (slow in XLA) kernel gradient as a
-  matmul; 'auto' is the fastest of those on the CPU backend and 'xla'
-  elsewhere. An unknown name raises `UserError` listing `CONV_IMPLS`.
+  matmul; 'auto' is `AutoConv` on the CPU backend (each pass of each layer
+  as `auto_plan` chooses) and 'xla' elsewhere. An unknown name raises `UserError` listing `CONV_IMPLS`.
   """
   impl = resolve_conv_impl(impl)
   if impl != 'xla' and jax.default_backend() == 'cpu':
     configure_cpu_malloc()
-  return {'xla': nn.Conv, 'patches': PatchConv, 'hybrid': HybridConv}[impl]
+  return {'xla': nn.Conv, 'patches': PatchConv, 'hybrid': HybridConv,
+          'per_layer': AutoConv}[impl]
 
 
 def extract_patches(x: jax.Array, kernel_size: tuple[int, int],
@@ -157,41 +174,102 @@ def _xla_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: P
                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
+def batch_chunks(batch: int, bytes_per_example: int,
+                 limit: int = PATCH_BYTES_LIMIT) -> int:
+  """Fewest equal batch chunks (a divisor of `batch`) of at most `limit` bytes."""
+  for chunks in range(1, batch + 1):
+    if batch % chunks == 0 and (batch // chunks) * bytes_per_example <= limit:
+      return chunks
+  return batch
+
+
+def _patch_bytes(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
+                 out_hw: tuple[int, int], itemsize: int) -> int:
+  """Bytes of one example's patches."""
+  kh, kw, cin, _ = kernel_shape
+  return out_hw[0] * out_hw[1] * kh * kw * cin * itemsize
+
+
+def _over_chunks(fn, chunks: int, *arrays: jax.Array) -> jax.Array:
+  """fn applied to `chunks` equal batch slices in sequence (bounded memory)."""
+  if chunks == 1:
+    return fn(*arrays)
+  split = [a.reshape((chunks, a.shape[0] // chunks) + a.shape[1:]) for a in arrays]
+  out = lax.map(lambda xs: fn(*xs), split)
+  return out.reshape((-1,) + out.shape[2:])
+
+
 def conv_forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads,
-                 precision: lax.PrecisionLike, how: str) -> jax.Array:
-  """The convolution itself: 'patches' (one matmul) or 'xla' (lax.conv)."""
+                 precision: lax.PrecisionLike, how: str,
+                 limit: int = PATCH_BYTES_LIMIT) -> jax.Array:
+  """The convolution itself: 'patches' (one matmul per chunk) or 'xla' (lax.conv)."""
   if how == 'xla':
     return _xla_conv(x, kernel, strides, pads, precision)
   kh, kw, cin, cout = kernel.shape
-  p = extract_patches(x, (kh, kw), strides, pads)
-  y = _matmul(p.reshape(-1, kh * kw * cin), kernel.reshape(-1, cout), (1, 0), precision)
-  return y.reshape(p.shape[:3] + (cout,))
+
+  def one(x):
+    p = extract_patches(x, (kh, kw), strides, pads)
+    y = _matmul(p.reshape(-1, kh * kw * cin), kernel.reshape(-1, cout), (1, 0),
+                precision)
+    return y.reshape(p.shape[:3] + (cout,))
+
+  out_hw = _out_hw(x.shape, kernel.shape, strides, pads)
+  chunks = batch_chunks(x.shape[0], _patch_bytes(x.shape, kernel.shape, out_hw,
+                                                 x.dtype.itemsize), limit)
+  return _over_chunks(one, chunks, x)
 
 
 def conv_input_grad(dy: jax.Array, kernel: jax.Array, x_shape: tuple[int, ...],
                     strides: tuple[int, int], pads: Pads, precision: lax.PrecisionLike,
-                    how: str) -> jax.Array:
+                    how: str, limit: int = PATCH_BYTES_LIMIT) -> jax.Array:
   """d<conv(x), dy>/dx: 'col2im' (one matmul, then a sum of shifted pads) or 'xla'."""
   if how == 'xla':
     x = jax.ShapeDtypeStruct(x_shape, dy.dtype)
     return jax.linear_transpose(
         lambda x: _xla_conv(x, kernel, strides, pads, precision), x)(dy)[0]
   kh, kw, cin, cout = kernel.shape
-  dp = _matmul(dy.reshape(-1, cout), kernel.reshape(-1, cout), (1, 1), precision)
-  return _col2im(dp.reshape(dy.shape[:3] + (kh * kw * cin,)), x_shape, (kh, kw), strides, pads)
+
+  def one(dy):
+    dp = _matmul(dy.reshape(-1, cout), kernel.reshape(-1, cout), (1, 1), precision)
+    return _col2im(dp.reshape(dy.shape[:3] + (kh * kw * cin,)),
+                   (dy.shape[0],) + tuple(x_shape[1:]), (kh, kw), strides, pads)
+
+  chunks = batch_chunks(dy.shape[0], _patch_bytes(
+      x_shape, kernel.shape, dy.shape[1:3], dy.dtype.itemsize), limit)
+  return _over_chunks(one, chunks, dy)
 
 
 def conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ...],
                      strides: tuple[int, int], pads: Pads, precision: lax.PrecisionLike,
-                     how: str) -> jax.Array:
-  """d<conv(x), dy>/dkernel: 'patches' (patches^T @ dy, one matmul) or 'xla'."""
+                     how: str, limit: int = PATCH_BYTES_LIMIT) -> jax.Array:
+  """d<conv(x), dy>/dkernel: 'patches' (patches^T @ dy, one matmul per chunk,
+  summed over chunks) or 'xla'."""
   if how == 'xla':
     k = jax.ShapeDtypeStruct(kernel_shape, dy.dtype)
     return jax.linear_transpose(
         lambda k: _xla_conv(x, k, strides, pads, precision), k)(dy)[0]
   kh, kw, cin, cout = kernel_shape
-  p = extract_patches(x, (kh, kw), strides, pads).reshape(-1, kh * kw * cin)
-  return _matmul(p, dy.reshape(-1, cout), (0, 0), precision).reshape(kernel_shape)
+
+  def one(x, dy):
+    p = extract_patches(x, (kh, kw), strides, pads).reshape(-1, kh * kw * cin)
+    return _matmul(p, dy.reshape(-1, cout), (0, 0), precision)
+
+  chunks = batch_chunks(x.shape[0], _patch_bytes(
+      x.shape, kernel_shape, dy.shape[1:3], x.dtype.itemsize), limit)
+  if chunks == 1:
+    return one(x, dy).reshape(kernel_shape)
+  split = [a.reshape((chunks, a.shape[0] // chunks) + a.shape[1:]) for a in (x, dy)]
+  acc_dtype = jnp.promote_types(dy.dtype, jnp.float32)
+  total = lax.fori_loop(
+      0, chunks, lambda i, acc: acc + one(split[0][i], split[1][i]).astype(acc_dtype),
+      jnp.zeros((kh * kw * cin, cout), acc_dtype))
+  return total.astype(dy.dtype).reshape(kernel_shape)
+
+
+def _out_hw(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
+            strides: tuple[int, int], pads: Pads) -> tuple[int, int]:
+  return tuple((x_shape[1 + a] + sum(pads[a]) - kernel_shape[a]) // strides[a] + 1
+               for a in range(2))
 
 
 # How each of the three convolutions of a layer is computed: (forward, input
@@ -199,25 +277,58 @@ def conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ...],
 Plan = tuple[str, str, str]
 PATCHES_PLAN: Plan = ('patches', 'col2im', 'patches')
 HYBRID_PLAN: Plan = ('xla', 'xla', 'patches')
+XLA_PLAN: Plan = ('xla', 'xla', 'xla')
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def auto_plan(kernel_shape: tuple[int, ...], strides: tuple[int, int],
+              out_hw: tuple[int, int]) -> Plan:
+  """The faster formulation of each pass of one layer on XLA's CPU backend.
+
+  A rule read off per-layer timings of every layer shape of ResNet-8/20 at
+  28-32 px, ResNet-18 at 28, 32 and 96 px (benchmarks/profile_conv.py,
+  2-core Zen 3, jax 0.10):
+  - 1x1 kernels are plain matmuls (no patch copy): patches in every pass
+    (kernel gradient 2-4x faster than XLA's).
+  - Outputs of at most 3x3 positions: patches in every pass; XLA's forward
+    and input-gradient convolutions there run at 3-15 GFLOP/s (10-25x slower).
+    Also 64 or more output channels on maps of at most 8x8 (whole train
+    steps of ResNet-18 at 32x32: ~1.15x faster than with XLA's forward).
+  - Otherwise the forward pass stays XLA's (equal or faster: copying the
+    patches costs as much as the matmul at these sizes); the input gradient
+    is a matmul + col2im for strided layers (XLA's strided transposed conv
+    is 1.2-12x slower) and for 64 or more output channels; the kernel gradient
+    is a matmul for 64 or more output channels (1.2-1.5x faster), XLA's
+    below (16-32 channels: 1.4-2x faster than the patch copy).
+  """
+  kh, kw, _, cout = kernel_shape
+  positions = out_hw[0] * out_hw[1]
+  if kh * kw == 1 or positions <= 9 or (cout >= 64 and positions <= 64):
+    return PATCHES_PLAN
+  dgrad = 'col2im' if max(strides) > 1 or cout >= 64 else 'xla'
+  wgrad = 'patches' if cout >= 64 else 'xla'
+  return ('xla', dgrad, wgrad)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
 def patch_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads,
-               precision: lax.PrecisionLike = None, plan: Plan = PATCHES_PLAN) -> jax.Array:
-  """2-D NHWC convolution with an HWIO kernel, each pass computed as `plan` says."""
-  return conv_forward(x, kernel, strides, pads, precision, plan[0])
+               precision: lax.PrecisionLike = None, plan: Plan = PATCHES_PLAN,
+               limit: int = PATCH_BYTES_LIMIT) -> jax.Array:
+  """2-D NHWC convolution with an HWIO kernel, each pass computed as `plan`
+  says, patches chunked to at most `limit` bytes."""
+  return conv_forward(x, kernel, strides, pads, precision, plan[0], limit)
 
 
-def _patch_conv_fwd(x, kernel, strides, pads, precision, plan):
+def _patch_conv_fwd(x, kernel, strides, pads, precision, plan, limit):
   # Keep x, not its patches (up to kh*kw times larger): the backward pass
   # recomputes them, which costs a copy, not a matmul.
-  return patch_conv(x, kernel, strides, pads, precision, plan), (x, kernel)
+  return patch_conv(x, kernel, strides, pads, precision, plan, limit), (x, kernel)
 
 
-def _patch_conv_bwd(strides, pads, precision, plan, res, dy):
+def _patch_conv_bwd(strides, pads, precision, plan, limit, res, dy):
   x, kernel = res
-  dx = conv_input_grad(dy, kernel, x.shape, strides, pads, precision, plan[1])
-  dkernel = conv_kernel_grad(x, dy, kernel.shape, strides, pads, precision, plan[2])
+  dx = conv_input_grad(dy, kernel, x.shape, strides, pads, precision, plan[1], limit)
+  dkernel = conv_kernel_grad(x, dy, kernel.shape, strides, pads, precision, plan[2],
+                             limit)
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
@@ -236,7 +347,9 @@ class Conv(nn.Conv):
   'SAME', 'VALID' and explicit integers, masks and non-2-D inputs raise.
   """
 
-  plan: Plan = PATCHES_PLAN  # How the forward and the two gradients are computed.
+  # How the forward and the two gradients are computed; None: `auto_plan`.
+  plan: Plan | None = PATCHES_PLAN
+  patch_bytes_limit: int = PATCH_BYTES_LIMIT
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -264,9 +377,15 @@ class Conv(nn.Conv):
 
     pads = _explicit_padding(self.padding, x.shape[1:3], kernel_size, strides,
                              kernel_dilation)
+    plan = self.plan
+    if plan is None:
+      plan = auto_plan(kernel.shape, strides,
+                       _out_hw(x.shape, kernel.shape, strides, pads))
     if (self.feature_group_count == 1 and input_dilation == (1, 1)
-        and kernel_dilation == (1, 1) and min(min(pads)) >= 0):
-      y = patch_conv(x, kernel, strides, pads, self.precision, tuple(self.plan))
+        and kernel_dilation == (1, 1) and min(min(pads)) >= 0
+        and tuple(plan) != XLA_PLAN):
+      y = patch_conv(x, kernel, strides, pads, self.precision, tuple(plan),
+                     self.patch_bytes_limit)
     else:
       y = lax.conv_general_dilated(
           x, kernel, strides, pads, lhs_dilation=input_dilation,
@@ -285,8 +404,14 @@ class HybridConv(Conv):
   plan: Plan = HYBRID_PLAN
 
 
+class AutoConv(Conv):
+  """`Conv` with each pass of each layer chosen by `auto_plan` (from shapes)."""
+  plan: Plan | None = None
+
+
 # Auto-named like nn.Conv ('Conv_0', ...) so that parameter trees stay interchangeable.
 HybridConv.__name__ = 'Conv'
+AutoConv.__name__ = 'Conv'
 
 
 def _pair(value: None | int | Sequence[int]) -> tuple[int, int]:

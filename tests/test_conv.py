@@ -95,14 +95,71 @@ def test_extra_batch_dimensions_and_unbatched_input_match_flax_conv():
     assert _rel_err(y_ref, y) < 1e-5
 
 
-def test_auto_resolves_to_a_fast_path_on_cpu_and_xla_is_flax_conv():
+def test_auto_chooses_per_layer_on_cpu_and_xla_is_flax_conv():
   assert jax.default_backend() == 'cpu'
-  fast = conv.resolve_conv_impl('auto')
-  assert fast in ('patches', 'hybrid')
-  assert conv.get_conv('auto') is conv.get_conv(fast)
-  assert issubclass(conv.get_conv('auto'), nn.Conv)
+  assert conv.resolve_conv_impl('auto') == 'per_layer'
+  assert conv.get_conv('auto') is conv.AutoConv
+  assert issubclass(conv.AutoConv, nn.Conv) and conv.AutoConv.plan is None
   assert conv.get_conv('xla') is nn.Conv
   assert set(conv.CONV_IMPLS) >= {'auto', 'xla', 'patches', 'hybrid'}
+
+
+def test_auto_plan_follows_the_measured_rule():
+  plan = conv.auto_plan
+  # 1x1 convolutions are plain matmuls; so is everything on tiny maps, where
+  # XLA's forward and input-gradient convolutions are 10-25x slower.
+  assert plan((1, 1, 64, 128), (2, 2), (14, 14)) == conv.PATCHES_PLAN
+  assert plan((3, 3, 256, 256), (1, 1), (2, 2)) == conv.PATCHES_PLAN
+  assert plan((3, 3, 512, 512), (1, 1), (3, 3)) == conv.PATCHES_PLAN
+  assert plan((3, 3, 64, 64), (1, 1), (8, 8)) == conv.PATCHES_PLAN
+  # Few channels on a large map: XLA's own convolutions in every pass.
+  assert plan((3, 3, 16, 16), (1, 1), (28, 28)) == conv.XLA_PLAN
+  # Strided: the input gradient as matmul + col2im; 64+ output channels:
+  # both gradients as matmuls, the forward stays XLA's.
+  assert plan((3, 3, 16, 32), (2, 2), (14, 14)) == ('xla', 'col2im', 'xla')
+  assert plan((3, 3, 64, 64), (1, 1), (24, 24)) == ('xla', 'col2im', 'patches')
+
+
+def test_a_whole_model_under_auto_has_flax_parameters_and_outputs():
+  # The textbook ResNet-18 at 28x28 mixes every plan: XLA on the 14x14 stem,
+  # matmuls for the 1x1 shortcuts and the 1x1..2x2 maps of the last stages.
+  from resnet_jax import models  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 28, 28, 1))
+  plain = models.create_model('d2l_resnet18', width=16)
+  auto = models.create_model('d2l_resnet18', conv_impl='auto', width=16)
+  variables = plain.init(jax.random.PRNGKey(1), x, train=False)
+  assert (jax.tree.map(jnp.shape, variables)
+          == jax.tree.map(jnp.shape, auto.init(jax.random.PRNGKey(1), x, train=False)))
+  y_ref = jax.jit(lambda v, x: plain.apply(v, x, train=False))(variables, x)
+  y = jax.jit(lambda v, x: auto.apply(v, x, train=False))(variables, x)
+  assert _rel_err(y_ref, y) < 1e-5
+
+
+def test_batch_chunks_divide_the_batch_and_bound_the_bytes():
+  assert conv.batch_chunks(256, 1 << 20, limit=128 << 20) == 2
+  assert conv.batch_chunks(256, 1 << 20, limit=96 << 20) == 4  # 64 <= 96
+  assert conv.batch_chunks(6, 10, limit=25) == 3
+  assert conv.batch_chunks(7, 10, limit=25) == 7  # prime: one at a time
+  assert conv.batch_chunks(4, 10, limit=1000) == 1
+
+
+@pytest.mark.parametrize('plan', [conv.PATCHES_PLAN, ('xla', 'col2im', 'patches')])
+def test_chunked_patches_match_flax_conv_values_and_gradients(plan):
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 9, 8, 4))
+  kwargs = dict(features=6, kernel_size=(3, 3), strides=2, padding=1)
+  reference = nn.Conv(**kwargs)
+  # One example's patches: 5*4 positions * 36 features * 4 bytes = 2880 bytes.
+  chunked = conv.Conv(plan=plan, patch_bytes_limit=6000, **kwargs)  # 3 chunks
+  variables = reference.init(jax.random.PRNGKey(1), x)
+  cot = jax.random.normal(jax.random.PRNGKey(2), (6, 5, 4, 6))
+  y_ref, g_ref = _values_and_grads(reference, variables, x, cot)
+  y, g = _values_and_grads(chunked, variables, x, cot)
+  assert _rel_err(y_ref, y) < 1e-5
+  for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g)):
+    assert _rel_err(a, b) < 1e-5
+  lowered = jax.jit(lambda v, x: chunked.apply(v, x)).lower(variables, x).as_text()
+  if plan[0] == 'patches':
+    assert 'while' in lowered  # really a loop over chunks
 
 
 def test_unknown_impl_is_a_user_error_naming_the_choices():
@@ -131,7 +188,7 @@ class _TinyResNet(nn.Module):
     return nn.Dense(10)(jnp.mean(nn.relu(y + shortcut), axis=(1, 2)))
 
 
-@pytest.mark.parametrize('impl', ['patches', 'hybrid'])
+@pytest.mark.parametrize('impl', ['patches', 'hybrid', 'auto'])
 def test_one_sgd_step_of_a_small_resnet_is_the_same_as_with_flax_conv(impl):
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
   labels = jnp.arange(4) % 10
