@@ -80,12 +80,19 @@ def model_from_config(config: Any, num_classes: int) -> models.ResNet:
 
 
 def check_image_size(model: models.ResNet, image_size: int) -> None:
+  """Each stride halves the map (rounding up, as the padding does), so any
+  size gives at least 1x1 at the end; a size is too small when the map is
+  already 1x1 before the last downsampling, where the remaining stages could
+  only see single pixels. The textbook ResNet-18 at 28x28 (maps 14, 7, 4, 2,
+  1) is fine; at 16 it is not."""
   stem = 4 if model.stem_cls is ImageNetStem else 1
   factor = stem * 2 ** (len(model.stage_sizes) - 1)
-  if image_size < factor:
+  smallest = factor // 2 + 1
+  if image_size < smallest:
     raise UserError(f'image_size={image_size} is too small for this model, '
-                    f'which downsamples by {factor}; use --config.image_size '
-                    f'of at least {factor}')
+                    f'which downsamples by {factor}: its last stages would '
+                    'see only 1x1 maps; use --config.image_size of at least '
+                    f'{smallest}')
 
 
 def init_state(run: Run) -> train_step.TrainState:

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from resnet_jax.errors import UserError
 from test_training import ROOT, _env
 
 EIGHT = '--xla_force_host_platform_device_count=8'
@@ -72,3 +73,12 @@ def test_bad_input_gets_one_clear_line(outcomes, name, flags, words, env):
   assert len(errors) == 1, err[-2000:]
   for word in words:
     assert word in errors[0], errors[0]
+
+
+def test_image_size_limit_admits_the_textbook_model_at_28():
+  from resnet_jax import models, run_setup  # pylint: disable=g-import-not-at-top
+  d2l = models.create_model('d2l_resnet18')
+  run_setup.check_image_size(d2l, 28)  # maps 14, 7, 4, 2, 1: valid
+  run_setup.check_image_size(d2l, 17)
+  with pytest.raises(UserError, match='at least 17'):
+    run_setup.check_image_size(d2l, 16)
