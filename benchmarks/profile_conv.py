@@ -11,7 +11,7 @@ times up over the network (times the number of layers of each shape), times
 BatchNorm forward+backward on every activation, and the whole train step, so
 the step splits into conv fwd / dgrad / wgrad / BatchNorm / rest.
 
-Findings (2-core Zen 3 dev machine, shared with other jobs, so noisy; jax 0.10.2):
+Findings (2-core Zen 4 dev machine, shared with other jobs, so noisy; jax 0.10.2):
 - Per layer, r18_96 with XLA's convs: fwd 3.1 s, dgrad 3.3 s, wgrad 7.4 s per
   step (sum 13.8 s): the kernel gradient runs at 5-30 GFLOP/s (1x1 strided:
   5-13), fwd/dgrad at 30-100. The patches formulation's kernel gradient
@@ -27,6 +27,15 @@ Findings (2-core Zen 3 dev machine, shared with other jobs, so noisy; jax 0.10.2
   then a separate concatenate: ~3x the memory traffic of the patches. For
   small channel counts (CIFAR 16-32 channels) this copy dominates, and XLA's
   own conv is faster (r20_32 layers: patches 2-8x slower per op).
+- Quieter rerun (2026-11-23, all nets): XLA's forward and input-gradient
+  convolutions collapse on tiny maps with many channels: 2x2 256->256 at
+  batch 256 takes 170 ms (7 GFLOP/s) against 7 ms as patches (172), 1x1
+  512->512 79 ms against 6.5 ms; the strided input gradient 4x4 128->256
+  75 ms against 6 ms. On 16-32 channels at 28-32 px XLA is 2-3x faster in
+  forward and input gradient and ~1.5-2x in the kernel gradient; from 64
+  channels the matmul kernel gradient is 1.2-1.5x faster. Single layers
+  reached up to ~210 GFLOP/s, above the nominal 166 (the cores boost).
+  conv.auto_plan encodes these findings per pass.
 - Whole-step (benchmarks/pytorch_compare.py, one run, loaded machine):
   resnet18 at 32x32x3 b128 patches 126.5 img/s vs xla 28.4 vs hybrid 27.2
   (XLA's convs on 1x1..8x8 maps are slow in all three passes); d2l ResNet-18

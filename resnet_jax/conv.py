@@ -2,7 +2,7 @@
 
 XLA's CPU backend runs a 2-D matmul at close to the machine's peak, but its
 convolutions much slower, and the weight-gradient convolution slowest of all
-(8-29 GFLOP/s against ~140 for a large matmul on 2 Zen 3 cores). `PatchConv`
+(8-29 GFLOP/s against ~140 for a large matmul on 2 Zen 4 cores). `PatchConv`
 therefore writes a convolution as
 
     y = patches(x) @ W        patches: (N*Ho*Wo, kh*kw*Cin), W: (kh*kw*Cin, Cout)
@@ -286,7 +286,7 @@ def auto_plan(kernel_shape: tuple[int, ...], strides: tuple[int, int],
 
   A rule read off per-layer timings of every layer shape of ResNet-8/20 at
   28-32 px, ResNet-18 at 28, 32 and 96 px (benchmarks/profile_conv.py,
-  2-core Zen 3, jax 0.10):
+  2-core AMD EPYC Zen 4, jax 0.10):
   - 1x1 kernels are plain matmuls (no patch copy): patches in every pass
     (kernel gradient 2-4x faster than XLA's).
   - Outputs of at most 3x3 positions: patches in every pass; XLA's forward
