@@ -127,8 +127,11 @@ def load_config(path: str) -> Any:
 def make_options(argv: list[str]) -> Options:
   a = _parse(argv)
   config = load_config(a.config or _DEFAULT_CONFIG)
-  if a.model is not None and a.model != config.model:
-    config.stage_sizes = ()  # a stage override belongs to the config's model
+  if a.model is not None:
+    # A model named on the command line is that model: a stage override
+    # belongs to the config's recipe (the default's ResNet-8 is a
+    # cifar_resnet20 with one block per stage).
+    config.stage_sizes = ()
   native = input_pipeline.IN_MEMORY_DATASETS.get(config.dataset)
   for field, value in (('model', a.model), ('batch_size', a.batch_size),
                        ('image_size', a.image_size), ('width', a.width),

@@ -152,9 +152,11 @@ def test_config_file_then_flags():
   assert (opts.config.model, opts.config.batch_size) == ('cifar_resnet20', 128)
   assert tuple(opts.config.stage_sizes) == (1, 1, 1)  # the default's ResNet-8
   assert opts.input_shape == (32, 32, 3)
-  # Another model drops the default's stage override: resnet18 is resnet18.
-  opts = benchmark.make_options(['--model', 'resnet18'])
-  assert tuple(opts.config.stage_sizes) == ()
+  # A named model drops the default's stage override: resnet18 is resnet18,
+  # and cifar_resnet20 (the default's own model) has its 3 blocks per stage.
+  for name in ('resnet18', 'cifar_resnet20'):
+    opts = benchmark.make_options(['--model', name])
+    assert tuple(opts.config.stage_sizes) == ()
 
 
 def test_peak_table_and_cpu_derivation():

@@ -122,12 +122,11 @@ def test_network_probe_is_bounded():
 
 
 @pytest.fixture(scope='module')
-def fashion(tmp_path_factory):
-  """Prepares Fashion-MNIST once (about 30 s) from the shared download files."""
-  if not os.path.isdir(FASHION_DIR):
-    pytest.skip(f'Fashion-MNIST download files not found in {FASHION_DIR}')
+def fashion(fashion_mnist_data_dir):
+  """Fashion-MNIST as the session fixture prepared it with TFDS from the
+  shared download files (from scratch in CI), read back from the cache."""
   pytest.importorskip('tensorflow_datasets')
-  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  data_dir = fashion_mnist_data_dir
   info, train, test = ip.load_in_memory('fashion_mnist', data_dir=data_dir,
                                         manual_dir=FASHION_DIR)
   return data_dir, info, train, test
