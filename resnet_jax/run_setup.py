@@ -8,6 +8,7 @@ run exactly the same model, preprocessing and steps.
 import dataclasses
 import math
 import os
+import tempfile
 from typing import Any
 
 import jax
@@ -177,10 +178,12 @@ def compile_steps(run: Run):
 def prepare_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write_test')
-    with open(probe, 'w', encoding='utf-8') as f:
-      f.write('ok')
-    os.remove(probe)
+    # A uniquely named probe: every process of a multi-process run checks
+    # the same workdir at the same moment (a shared name let one process
+    # delete another's probe, fail, and leave the others at the shutdown
+    # barrier).
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix='.write_test_'):
+      pass
   except OSError as e:
     raise UserError(f'cannot write to workdir {workdir!r} ({e.strerror}); '
                     'choose a directory you can write to') from None

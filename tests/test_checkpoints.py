@@ -237,8 +237,12 @@ def test_two_processes_equal_one_process_and_survive_preemption(
   procs = _two_processes(two, fake_data_dir, _free_port())
   deadline = time.time() + 400
   while not (two / 'checkpoints' / '9').is_dir():
-    assert all(p.poll() is None for p in procs), procs[0].communicate()[1]
-    assert time.time() < deadline, 'no checkpoint 9 after 400 s'
+    if any(p.poll() is not None for p in procs) or time.time() > deadline:
+      for p in procs:
+        p.kill()
+      errs = [p.communicate()[1][-2000:] for p in procs]
+      raise AssertionError(f'no checkpoint 9: process 0: {errs[0]}\n'
+                           f'process 1: {errs[1]}')
     time.sleep(0.05)
   procs[1].send_signal(signal.SIGTERM)
   results = [p.communicate(timeout=300) for p in procs]
