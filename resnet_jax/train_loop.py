@@ -186,7 +186,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
                   'examples_per_sec': steps_done * config.batch_size / seconds,
                   **final}
         progress.end_line()
-        _epoch_line(record, lead)
+        _epoch_line(record, lead, config.validation_examples > 0)
         writer.write(record)
         epoch_sums = _Sums()
         save({'test_accuracy': final['test_accuracy']})
@@ -214,11 +214,16 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   return final
 
 
-def _epoch_line(record: dict[str, float], lead: bool) -> None:
-  """The textbook's line, on stdout where the researcher is looking."""
+def _epoch_line(record: dict[str, float], lead: bool,
+                on_validation: bool) -> None:
+  """The textbook's line, on stdout where the researcher is looking.
+
+  With `validation_examples` > 0 the evaluation (still logged under the
+  test_* keys) is on the held-out validation split, and the line says so."""
   if lead:
+    split = 'val' if on_validation else 'test'
     print(f'epoch {record["epoch"]:g}: loss {record["train_loss"]:.3f}, '
-          f'train acc {record["train_accuracy"]:.3f}, test acc '
+          f'train acc {record["train_accuracy"]:.3f}, {split} acc '
           f'{record["test_accuracy"]:.3f}, '
           f'{record["examples_per_sec"]:.1f} examples/sec', flush=True)
 

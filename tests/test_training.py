@@ -195,3 +195,14 @@ def test_short_real_run_learns(fashion_mnist_data_dir, tmp_path):
   # Chance is 0.10 (loss 2.30); 120 steps of a narrow ResNet reach ~0.62.
   assert result['test_accuracy'] > 0.5, result
   assert result['test_loss'] < 1.5, result
+
+
+def test_epoch_line_names_the_split_it_evaluated(capsys):
+  record = {'epoch': 3, 'train_loss': 0.25, 'train_accuracy': 0.9,
+            'test_accuracy': 0.88, 'examples_per_sec': 100.0}
+  train_loop._epoch_line(record, True, on_validation=False)  # pylint: disable=protected-access
+  train_loop._epoch_line(record, True, on_validation=True)  # pylint: disable=protected-access
+  train_loop._epoch_line(record, False, on_validation=False)  # pylint: disable=protected-access
+  assert capsys.readouterr().out.splitlines() == [
+      'epoch 3: loss 0.250, train acc 0.900, test acc 0.880, 100.0 examples/sec',
+      'epoch 3: loss 0.250, train acc 0.900, val acc 0.880, 100.0 examples/sec']
