@@ -68,6 +68,14 @@ def build(config: Any) -> Run:
              total_steps, schedule)
 
 
+def model_label(config: Any) -> str:
+  """The model's name with the config's structural overrides, for log lines
+  (the default config is cifar_resnet20 with one block per stage)."""
+  extras = [f'{key}={config.get(key)}' for key in ('width', 'stage_sizes')
+            if config.get(key)]
+  return config.model + (f' ({", ".join(extras)})' if extras else '')
+
+
 def model_from_config(config: Any, num_classes: int) -> models.ResNet:
   """The model a config names, with its options (width, stage sizes, ...)."""
   overrides = {}

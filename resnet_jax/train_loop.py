@@ -151,8 +151,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
       saved_step = step
 
   logging.info('%s: %d steps (%d per epoch) of batch %d on %d devices, '
-               'image size %d', config.model, run.total_steps, spe,
-               config.batch_size, jax.device_count(), run.image_size)
+               'image size %d', run_setup.model_label(config), run.total_steps,
+               spe, config.batch_size, jax.device_count(), run.image_size)
   pending: list[tuple[int, Any]] = []
   t_window = t_epoch = time.perf_counter()
   window_start = step

@@ -149,7 +149,7 @@ def test_config_file_then_flags():
   assert opts.input_shape == (96, 96, 3)
   # No --config: configs/default.py.
   opts = benchmark.make_options(['--image_size', '32', '--channels', '3'])
-  assert (opts.config.model, opts.config.batch_size) == ('cifar_resnet20', 128)
+  assert (opts.config.model, opts.config.batch_size) == ('cifar_resnet20', 64)
   assert tuple(opts.config.stage_sizes) == (1, 1, 1)  # the default's ResNet-8
   assert opts.input_shape == (32, 32, 3)
   # A named model drops the default's stage override: resnet18 is resnet18,
