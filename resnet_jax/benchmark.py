@@ -15,12 +15,13 @@ uint8 batch; `--data NAME` also times training's input pipeline (for an
 in-memory dataset: index stream -> on-device gather) against it.
 
 Peak FLOP/s: a table for known accelerators; for a CPU, cores x clock x fp32
-FLOPs per cycle (see cpu_peak_flops). On the 2-core development machine
-(AMD EPYC family 25 model 17, i.e. Zen 4, whose AVX-512 runs on two 256-bit FMA
-pipes: 32 fp32 FLOP/cycle, like Zen 3) /proc/cpuinfo reports 2596 MHz, giving
-2 x 2.596 GHz x 32 = 166 GFLOP/s, 6% above the 157 GFLOP/s (2.45 GHz) the
-project brief quotes; the hypervisor reports the nominal clock, so either is an
-approximate ceiling. The CPU figure is the fp32 peak also for bfloat16.
+FLOPs per cycle (see cpu_peak_flops). The 2-core development machines are
+AMD EPYCs of family 25 with two 256-bit FMA pipes per core (32 fp32
+FLOP/cycle; Zen 4 runs AVX-512 on the same pipes): model 1 (Zen 3), where
+/proc/cpuinfo reports 2445 MHz, gives 2 x 2.445 GHz x 32 = 156 GFLOP/s, and
+model 17 (Zen 4) at 2596 MHz gives 166 GFLOP/s. The hypervisor reports the
+nominal clock and the cores boost, so either is an approximate ceiling. The
+CPU figure is the fp32 peak also for bfloat16.
 
 FLOPs are what each compiled program does, so they differ between conv_impls:
 XLA counts a convolution's multiply-adds on real inputs only, the patches path

@@ -70,8 +70,11 @@ def _parse_lines(path: str) -> list[dict[str, Any]]:
   return records
 
 
-def plot_curves(workdir: str) -> str | None:
-  """train loss, train acc and test acc against epoch, as in the textbook."""
+def plot_curves(workdir: str, eval_split: str = 'test') -> str | None:
+  """train loss, train acc and test acc against epoch, as in the textbook.
+
+  `eval_split` names what the test_* records measured ('val' when the run
+  evaluated on a split held out from the training set)."""
   epochs = [r for r in read_records(workdir) if 'epoch' in r]
   if not epochs:
     return None
@@ -83,7 +86,8 @@ def plot_curves(workdir: str) -> str | None:
   for key, style in (('train_loss', '-'), ('train_accuracy', 'm--'),
                      ('test_accuracy', 'g-.')):
     if all(key in r for r in epochs):
-      ax.plot(x, [r[key] for r in epochs], style, label=key.replace('_', ' '))
+      label = key.replace('_', ' ').replace('test', eval_split)
+      ax.plot(x, [r[key] for r in epochs], style, label=label)
   ax.set_xlabel('epoch')
   ax.set_xlim(0, max(x))
   ax.grid(True, alpha=0.3)

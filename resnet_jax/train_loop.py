@@ -208,7 +208,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     ckpt.close()
     writer.close()
   if lead:
-    path = metric_writers.plot_curves(workdir)
+    path = metric_writers.plot_curves(
+        workdir, 'val' if config.validation_examples > 0 else 'test')
     if path:
       logging.info('learning curves: %s', path)
   return final
@@ -222,7 +223,11 @@ def _epoch_line(record: dict[str, float], lead: bool,
   test_* keys) is on the held-out validation split, and the line says so."""
   if lead:
     split = 'val' if on_validation else 'test'
-    print(f'epoch {record["epoch"]:g}: loss {record["train_loss"]:.3f}, '
+    epoch = record['epoch']
+    # Whole epochs as the textbook prints them; a run cut mid-epoch by
+    # num_train_steps ends at a fraction.
+    epoch_text = f'{epoch:.0f}' if epoch == int(epoch) else f'{epoch:.2f}'
+    print(f'epoch {epoch_text}: loss {record["train_loss"]:.3f}, '
           f'train acc {record["train_accuracy"]:.3f}, {split} acc '
           f'{record["test_accuracy"]:.3f}, '
           f'{record["examples_per_sec"]:.1f} examples/sec', flush=True)

@@ -206,3 +206,12 @@ def test_epoch_line_names_the_split_it_evaluated(capsys):
   assert capsys.readouterr().out.splitlines() == [
       'epoch 3: loss 0.250, train acc 0.900, test acc 0.880, 100.0 examples/sec',
       'epoch 3: loss 0.250, train acc 0.900, val acc 0.880, 100.0 examples/sec']
+
+
+def test_epoch_line_of_a_run_cut_mid_epoch(capsys):
+  record = {'epoch': 120 / 234, 'train_loss': 0.729, 'train_accuracy': 0.76,
+            'test_accuracy': 0.822, 'examples_per_sec': 43.3}
+  train_loop._epoch_line(record, True, on_validation=False)  # pylint: disable=protected-access
+  assert capsys.readouterr().out == (
+      'epoch 0.51: loss 0.729, train acc 0.760, test acc 0.822, '
+      '43.3 examples/sec\n')
