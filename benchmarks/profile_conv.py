@@ -6,10 +6,13 @@ Usage (from the repo root):
 For every distinct conv layer shape of the network it times, separately and
 with jit + warm-up + median of --reps calls: the forward convolution (fwd), the
 input gradient (dgrad) and the weight gradient (wgrad), for each
-implementation, and prints ms per call and GFLOP/s. Then it adds the per-layer
-times up over the network (times the number of layers of each shape), times
-BatchNorm forward+backward on every activation, and the whole train step, so
-the step splits into conv fwd / dgrad / wgrad / BatchNorm / rest.
+implementation ('xla', 'patches', and 'auto': the per-pass choice of
+conv.auto_plan), and prints ms per call and GFLOP/s. Then it adds the
+per-layer times up over the network (times the number of layers of each
+shape) and times BatchNorm + ReLU forward+backward on every conv output, so a
+step splits into conv fwd / dgrad / wgrad and BatchNorm; compare the sum with
+a whole step from `python -m resnet_jax.benchmark` (the rest is the loss,
+the optimizer and the residual adds).
 
 Findings (2-core Zen 4 dev machine, shared with other jobs, so noisy; jax 0.10.2):
 - Per layer, r18_96 with XLA's convs: fwd 3.1 s, dgrad 3.3 s, wgrad 7.4 s per
@@ -36,6 +39,14 @@ Findings (2-core Zen 4 dev machine, shared with other jobs, so noisy; jax 0.10.2
   channels the matmul kernel gradient is 1.2-1.5x faster. Single layers
   reached up to ~210 GFLOP/s, above the nominal 166 (the cores boost).
   conv.auto_plan encodes these findings per pass.
+- 2-core Zen 3 (2026-11-24): patch chunks of 128 MiB made the patch passes
+  memory-bound; cache-sized chunks (conv.PATCH_BYTES_LIMIT, now 8 MiB) made
+  them 1.2-2x faster (r20_32 16->16 kernel gradient 24 -> 12 ms, XLA's 31;
+  r18_96 24x24 64->64: fwd 180 -> 96, dgrad 127 -> 94, wgrad 170 -> 134 ms,
+  XLA's wgrad 1,317 ms), so the matmul kernel gradient now wins on every
+  layer shape and auto_plan uses it everywhere. BatchNorm + ReLU
+  forward+backward is ~6 % of a ResNet-20 step (3.4 ms per 32x32x16
+  activation at batch 128).
 - Whole-step (benchmarks/pytorch_compare.py, one run, loaded machine):
   resnet18 at 32x32x3 b128 patches 126.5 img/s vs xla 28.4 vs hybrid 27.2
   (XLA's convs on 1x1..8x8 maps are slow in all three passes); d2l ResNet-18
@@ -161,7 +172,8 @@ def layer_ops(layer: Layer, batch: int):
   dy = jax.random.normal(kd, y_shape)
   ops = {}
   args = ((s, s), pads, None)
-  for name, (f_how, d_how, w_how) in IMPLS.items():
+  plans = dict(IMPLS, auto=conv.auto_plan(w.shape, (s, s), y_shape[1:3]))
+  for name, (f_how, d_how, w_how) in plans.items():
     ops[name] = {
         'fwd': (functools.partial(conv.conv_forward, strides=(s, s), pads=pads,
                                   precision=None, how=f_how), (x, w)),
@@ -171,6 +183,20 @@ def layer_ops(layer: Layer, batch: int):
                   (x, dy)),
     }
   return ops
+
+
+def batchnorm_relu_seconds(shape: tuple[int, ...], reps: int) -> float:
+  """BatchNorm (training mode) + ReLU, forward and backward, on one activation."""
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  bn = nn.BatchNorm(use_running_average=False)
+  variables = bn.init(jax.random.PRNGKey(1), x)
+
+  def loss(params, x):
+    y, _ = bn.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
+                    mutable=['batch_stats'])
+    return jnp.sum(jax.nn.relu(y) * x)
+
+  return bench(jax.grad(loss, argnums=(0, 1)), variables['params'], x, reps=reps)
 
 
 def profile_layers(net: str, reps: int) -> dict:
@@ -190,6 +216,9 @@ def profile_layers(net: str, reps: int) -> dict:
         totals[(impl, op)] += t * layer.count
         cells.append(f'{t * 1e3:9.2f} {flops / t / 1e9:5.0f}')
       print(f'{name:>28} {impl:>8} ' + ' '.join(cells))
+    if layer.k > 1:  # 1x1 shortcut outputs have the shape of a 3x3 layer's.
+      totals['batchnorm'] += layer.count * batchnorm_relu_seconds(
+          (batch, ho, ho, layer.cout), reps)
   return totals
 
 
@@ -202,11 +231,12 @@ def main() -> None:
   print(f'jax {jax.__version__} backend {jax.default_backend()}')
   for net in args.nets.split(','):
     totals = profile_layers(net, args.reps)
-    for impl in ('xla', 'patches'):
+    for impl in ('xla', 'patches', 'auto'):
       parts = {op: totals[(impl, op)] for op in ('fwd', 'dgrad', 'wgrad')}
       print(f'{net} {impl:>8} conv totals per step: ' + ', '.join(
           f'{op} {t * 1e3:.0f} ms' for op, t in parts.items())
             + f', sum {sum(parts.values()) * 1e3:.0f} ms')
+    print(f'{net} BatchNorm + ReLU fwd+bwd per step: {totals["batchnorm"] * 1e3:.0f} ms')
 
 
 if __name__ == '__main__':

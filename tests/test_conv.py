@@ -112,16 +112,16 @@ def test_auto_plan_follows_the_measured_rule():
   assert plan((3, 3, 256, 256), (1, 1), (2, 2)) == conv.PATCHES_PLAN
   assert plan((3, 3, 512, 512), (1, 1), (3, 3)) == conv.PATCHES_PLAN
   assert plan((3, 3, 64, 64), (1, 1), (8, 8)) == conv.PATCHES_PLAN
-  # Few channels on a large map: XLA's own convolutions in every pass.
-  assert plan((3, 3, 16, 16), (1, 1), (28, 28)) == conv.XLA_PLAN
-  # Strided: the input gradient as matmul + col2im; 64+ output channels:
-  # both gradients as matmuls, the forward stays XLA's.
-  assert plan((3, 3, 16, 32), (2, 2), (14, 14)) == ('xla', 'col2im', 'xla')
+  # Few channels on a large map: XLA's own forward and input gradient; the
+  # kernel gradient is a matmul everywhere.
+  assert plan((3, 3, 16, 16), (1, 1), (28, 28)) == ('xla', 'xla', 'patches')
+  # Strided, or 64+ output channels: the input gradient as matmul + col2im.
+  assert plan((3, 3, 16, 32), (2, 2), (14, 14)) == ('xla', 'col2im', 'patches')
   assert plan((3, 3, 64, 64), (1, 1), (24, 24)) == ('xla', 'col2im', 'patches')
 
 
 def test_a_whole_model_under_auto_has_flax_parameters_and_outputs():
-  # The textbook ResNet-18 at 28x28 mixes every plan: XLA on the 14x14 stem,
+  # The textbook ResNet-18 at 28x28 mixes every plan: XLA's forward on the 14x14 stem,
   # matmuls for the 1x1 shortcuts and the 1x1..2x2 maps of the last stages.
   from resnet_jax import models  # pylint: disable=g-import-not-at-top
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 28, 28, 1))
