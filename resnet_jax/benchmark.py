@@ -23,11 +23,13 @@ model 17 (Zen 4) at 2596 MHz gives 166 GFLOP/s. The hypervisor reports the
 nominal clock and the cores boost, so either is an approximate ceiling. The
 CPU figure is the fp32 peak also for bfloat16.
 
-FLOPs are what each compiled program does, so they differ between conv_impls:
-XLA counts a convolution's multiply-adds on real inputs only, the patches path
-also multiplies the zero padding it copies out (ResNet-18 at 32x32, whose last
-3x3 convs see 2x2 and 1x1 maps: 0.044 against 0.076 GFLOP per forward).
-Compare implementations by images/s.
+FLOPs are the model's arithmetic, the same for every conv_impl: XLA's cost
+analysis of the step lowered with XLA's own convolutions (`_flops`). The
+compiled patch programs would count differently: their chunk loops are
+counted once whatever their trip count, and their matmuls also multiply the
+zero padding they copy out (ResNet-18 at 32x32, whose last 3x3 convs see
+2x2 and 1x1 maps, does 0.076 GFLOP per forward as patches against XLA's
+0.044). Compare implementations by images/s.
 """
 
 import argparse
@@ -45,6 +47,7 @@ from typing import Any, Callable
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -248,12 +251,22 @@ def _compile(fn, *args) -> tuple[Any, dict[str, float]]:
   return compiled, {'lower_s': t1 - t0, 'compile_s': t2 - t1}
 
 
-def _flops(compiled) -> float:
-  """FLOPs of one call over all devices (cost analysis is per partition)."""
-  cost = compiled.cost_analysis()
+def _flops(fn, state: Any, batch: dict, model: nn.Module) -> float:
+  """FLOPs of one call over all devices, from XLA's cost analysis of the same
+  step with XLA's own convolutions (`nn.Conv`).
+
+  The arithmetic is the model's whatever the conv implementation; but the
+  patch formulations compute their patches in chunk loops, and XLA's cost
+  analysis does not multiply a loop body by its trip count, so counting the
+  compiled step itself would miss most convolutions. Lowering the twin step
+  costs no compilation, and the lowered (not yet partitioned) program is the
+  global one: its count covers all devices.
+  """
+  twin = state.replace(apply_fn=model.clone(conv=nn.Conv).apply)
+  cost = fn.lower(twin, batch).cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per module
     cost = cost[0] if cost else {}
-  return float((cost or {}).get('flops', 0.0)) * jax.device_count()
+  return float((cost or {}).get('flops', 0.0))
 
 
 def _timed(step: Callable, state: Any, n: int) -> tuple[Any, list[float]]:
@@ -368,11 +381,13 @@ def run_benchmark(opts: Options) -> dict:
       'data': opts.data, 'steps': opts.steps, 'warmup': opts.warmup,
       'peak_flops_per_s': peak, 'peak_source': peak_source,
   }
+  train_flops = _flops(train_fn, state, batch, run.model)
+  eval_flops = _flops(eval_fn, state, eval_batch, run.model)
   state, result['train'] = _measure(lambda s: train(s, batch), state, opts, n,
-                                    _flops(train), peak)
+                                    train_flops, peak)
   result['train'].update(train_compile, memory=_memory(train))
   state, result['eval'] = _measure(lambda s: (s, evaluate(s, eval_batch)),
-                                   state, opts, n, _flops(evaluate), peak)
+                                   state, opts, n, eval_flops, peak)
   result['eval'].update(eval_compile, memory=_memory(evaluate))
   if opts.data != 'synthetic':
     state, result['data_pipeline'] = _data_ratio(train, state, run, batch, opts)

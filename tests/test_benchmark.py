@@ -97,7 +97,7 @@ def test_cli_on_8_devices_with_the_in_memory_pipeline(sharded, single):
   assert sharded['input_shape'] == [28, 28, 1] and sharded['image_size'] == 16
   _check_step(sharded['train'], 16, sharded['peak_flops_per_s'])
   _check_step(sharded['eval'], 16, sharded['peak_flops_per_s'])
-  # Cost analysis is per device; the tool sums the devices, so twice the batch
+  # The count is of the global step (all devices), so twice the batch
   # is about twice the FLOPs (plus a small resize and 8 optimizer updates).
   for step in ('train', 'eval'):
     ratio = sharded[step]['flops_per_step'] / single[step]['flops_per_step']
@@ -179,3 +179,27 @@ def test_peak_table_and_cpu_derivation():
     assert f'{cores} cores' in source and peak > cores * 1e9
 
 
+
+
+def test_flops_are_the_models_whatever_the_conv_implementation(tmp_path):
+  # At batch 64, 32x32 and width 16 a 3x3 layer's patches (37 MB) exceed
+  # conv.PATCH_BYTES_LIMIT, so 'patches' computes them in chunk loops, whose
+  # bodies XLA's cost analysis would count once: the tool must still report
+  # the arithmetic of the model, the same as with XLA's own convolutions.
+  figures = {}
+  for impl in ('xla', 'patches'):
+    path = tmp_path / f'{impl}.json'
+    args = ['--model', 'cifar_resnet20', '--width', '16', '--steps', '1',
+            '--warmup', '1', '--batch_size', '64', '--image_size', '32',
+            '--channels', '1', '--conv_impl', impl, '--json', str(path)]
+    assert benchmark.main(args) == 0
+    figures[impl] = json.loads(path.read_text())
+  assert figures['patches']['conv_impl_resolved'] == 'patches'
+  for step in ('train', 'eval'):
+    assert (figures['patches'][step]['flops_per_step']
+            == pytest.approx(figures['xla'][step]['flops_per_step'], rel=1e-6))
+  # About 3x the forward pass: ResNet-20 at 32x32x1 is ~41M multiply-adds
+  # (2 FLOPs each) forward.
+  assert 0.07e9 < figures['xla']['eval']['flops_per_example'] < 0.09e9
+  assert 2.5 < (figures['xla']['train']['flops_per_example']
+                / figures['xla']['eval']['flops_per_example']) < 3.5
