@@ -2,10 +2,11 @@
 
 ResNet-8 (the CIFAR ResNet family with one basic block per stage, 16/32/64
 channels, 78k parameters), 7 epochs of batch 64, SGD Nesterov + cosine. Sized
-for a 2-core CPU: there this model trains at ~1,000 images/s at batch 64 but
-only ~720 at batch 128 (the smaller batch's activations stay in the caches;
-`python -m resnet_jax.benchmark --batch_size N` shows it), so the run finishes
-in about 8 minutes end to end (README, results table).
+for a 2-core CPU: there this model trains at ~1,200 images/s at batch 64 but
+only ~840 at batch 128 (the smaller batch's activations stay in the caches;
+`python -m resnet_jax.benchmark --config configs/default.py --batch_size N`
+shows it), so the run finishes in under 8 minutes end to end (README,
+results table).
 Every field any recipe uses is declared in `base_config()` with its meaning;
 the other config files start from it and change what their recipe needs.
 """
