@@ -216,7 +216,7 @@ def profile_layers(net: str, reps: int) -> dict:
         totals[(impl, op)] += t * layer.count
         cells.append(f'{t * 1e3:9.2f} {flops / t / 1e9:5.0f}')
       print(f'{name:>28} {impl:>8} ' + ' '.join(cells))
-    if layer.k > 1:  # 1x1 shortcut outputs have the shape of a 3x3 layer's.
+    if layer.k > 1:  # One BN per 3x3/7x7 conv; 1x1 shortcuts' BNs are left out.
       totals['batchnorm'] += layer.count * batchnorm_relu_seconds(
           (batch, ho, ho, layer.cout), reps)
   return totals
