@@ -1,9 +1,8 @@
 """Convolution modules: XLA's own, and a patches-plus-matmul fast path for CPU.
 
 XLA's CPU backend runs a 2-D matmul at close to the machine's peak, but its
-convolutions much slower, and the weight-gradient convolution slowest of all
-(8-29 GFLOP/s against ~140 for a large matmul on 2 Zen 4 cores). `PatchConv`
-therefore writes a convolution as
+convolutions much slower, and the weight-gradient convolution slowest of all.
+`PatchConv` therefore writes a convolution as
 
     y = patches(x) @ W        patches: (N*Ho*Wo, kh*kw*Cin), W: (kh*kw*Cin, Cout)
 
@@ -16,27 +15,28 @@ input along channels, and gives it a custom VJP that again uses one matmul each:
 `HybridConv` ('hybrid') keeps XLA's forward and input-gradient convolutions
 and only takes the kernel gradient from the matmul form. Which is fastest
 depends on the layer, and per pass: patches win big on small feature maps
-with many channels (XLA's forward and input-gradient convolutions on 1x1 and
-2x2 maps with 256-512 channels run at 3-15 GFLOP/s, the matmuls at 150-200),
-on 1x1 convolutions (a plain matmul) and in the kernel gradient of layers with
-64 or more output channels; XLA's own convolutions win on large maps with few
-channels (16-32 channels at 28x28: 2-3x), where copying out the patches
-dominates. `AutoConv` ('auto' on the CPU) therefore chooses per layer and per
-pass (`auto_plan`). `configure_cpu_malloc` matters for all.
+with many channels (on 1x1 and 2x2 maps with 256-512 channels XLA's forward
+and input-gradient convolutions are far from the matmul's speed), on 1x1
+convolutions (a plain matmul) and in the kernel gradient; XLA's own
+convolutions win on large maps with few channels (16-32 channels at 28x28),
+where copying out the patches dominates. `AutoConv` ('auto' on the CPU)
+therefore chooses per layer and per pass (`auto_plan`).
+`configure_cpu_malloc` matters for all.
 
 Memory and speed: the patches of a layer are kh*kw times its input. They are
-computed in batch chunks of at most `PATCH_BYTES_LIMIT` (8 MiB) each, a
+computed in batch chunks of at most `PATCH_BYTES_LIMIT` bytes each, a
 sequential loop over chunks, so a 3x3 layer never holds more than that in
 patches at once, and the matmul reads each chunk's patches back from the
-cache that their extraction just wrote them to, instead of from memory. The
-small chunks made the patch passes 1.2-2x faster than whole-batch patches on
-a 2-core Zen 3 (kernel gradient of a 32x32 16->16 layer at batch 128: 24 ->
-12 ms; XLA's own: 31 ms) and whole train steps 1.05-1.45x faster.
+cache that their extraction just wrote them to, instead of from memory:
+whole-batch patches make the patch passes memory-bound, and the cache-sized
+chunks are what lets the matmul kernel gradient beat XLA's on every layer
+shape measured.
 
 The parameters ('kernel' HWIO, 'bias') have the names, shapes and initialisers
 of `flax.linen.Conv`, so checkpoints are interchangeable between
-implementations. See benchmarks/profile_conv.py for the measurements behind the
-choices made here.
+implementations. `python -m resnet_jax.profile_conv` times each pass of each
+layer shape: the measurements behind the choices made here. The figures,
+with date and machine, are in README.md, Performance.
 """
 
 from __future__ import annotations
@@ -60,11 +60,12 @@ CONV_IMPLS = ('auto', 'xla', 'patches', 'hybrid')
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
 # Largest patch buffer (bytes) materialised at once; bigger ones are chunked
-# over the batch. Cache-sized: per-layer timings on a 2-core Zen 3 (batch
-# 128-256) were best at 4-8 MiB, 10-50 % slower at 128 MiB (the textbook
-# ResNet-18 at 96x96 batch 256 would hold 340 MB of patches per 64-channel
-# layer unchunked) and slower again below 1 MiB (loop overhead, thin matmuls).
-# Whole steps: 8 MiB beat 4 and 16 MiB on the textbook model at 96x96.
+# over the batch. Cache-sized, so that the matmul reads a chunk's patches
+# from the cache their extraction wrote them to: much larger chunks (let alone
+# whole-batch patches, kh*kw times a layer's input) make the patch passes
+# memory-bound, much smaller ones cost loop overhead and thin matmuls. The
+# value is the fastest of the sizes tried, per layer and on whole train steps
+# (python -m resnet_jax.profile_conv; figures in README.md, Performance).
 PATCH_BYTES_LIMIT = 8 * 2**20
 
 
@@ -87,11 +88,11 @@ def configure_cpu_malloc() -> bool:
 
   XLA:CPU allocates every step's large temporaries afresh. glibc serves
   allocations above 32 MiB with mmap and unmaps them on free, so each step
-  page-faults (and zeroes) all of its activations and patch buffers again: on
-  the development machine that made a 340 MB patch copy 4x and whole train
-  steps ~2x slower. Serving them from the heap and never trimming it reuses
-  the same pages. Costs: resident memory stays at its peak. Returns whether the
-  settings were applied. Idempotent.
+  page-faults (and zeroes) all of its activations and patch buffers again, a
+  cost that can exceed the arithmetic (see README.md, Performance). Serving
+  them from the heap and never trimming it reuses the same pages. Costs:
+  resident memory stays at its peak. Returns whether the settings were
+  applied. Idempotent.
   """
   if not sys.platform.startswith('linux'):
     return False
@@ -135,7 +136,8 @@ def extract_patches(x: jax.Array, kernel_size: tuple[int, int],
   if any(map(any, pads)):
     # Materialise the padded input (a cheap x-sized copy). Otherwise XLA
     # rewrites each slice-of-pad into its own padded copy and concatenates
-    # those in a second pass: 3x the memory traffic of one fused concatenate.
+    # those in a second pass: several times the memory traffic of one fused
+    # concatenate.
     xp = lax.optimization_barrier(xp)
   ho = (xp.shape[1] - kh) // sh + 1
   wo = (xp.shape[2] - kw) // sw + 1
@@ -293,25 +295,22 @@ def auto_plan(kernel_shape: tuple[int, ...], strides: tuple[int, int],
   """The faster formulation of each pass of one layer on XLA's CPU backend.
 
   A rule read off per-layer timings of every layer shape of ResNet-8/20 at
-  28-32 px, ResNet-18 at 28, 32 and 96 px (benchmarks/profile_conv.py, 2-core
-  AMD EPYC Zen 4 and Zen 3, jax 0.10), then checked on whole train steps:
-  - 1x1 kernels are plain matmuls (no patch copy): patches in every pass
-    (kernel gradient 2-7x faster than XLA's).
+  28-32 px and ResNet-18 at 28, 32 and 96 px (python -m
+  resnet_jax.profile_conv), then checked on whole train steps (figures in
+  README.md, Performance):
+  - 1x1 kernels are plain matmuls (no patch copy): patches in every pass.
   - Outputs of at most 3x3 positions: patches in every pass; XLA's forward
-    and input-gradient convolutions there run at 3-15 GFLOP/s (10-25x slower).
-    Also 64 or more output channels on maps of at most 8x8 (whole train
-    steps of ResNet-18 at 32x32: ~1.15x faster than with XLA's forward).
+    and input-gradient convolutions are at their slowest there. Also 64 or
+    more output channels on maps of at most 8x8 (whole train steps of
+    ResNet-18 at 32x32 were faster than with XLA's forward there).
   - Otherwise the forward pass stays XLA's (equal or faster: copying the
     patches costs as much as the matmul at these sizes); the input gradient
     is a matmul + col2im for strided layers (XLA's strided transposed conv
-    is 1.2-12x slower) and for 64 or more output channels.
+    is slower) and for 64 or more output channels.
   - The kernel gradient is always the matmul: with cache-sized patch chunks
-    it is 1.3-10x faster than XLA's on every layer shape measured (16
-    channels at 32x32: 12 against 31 ms; 64 channels at 24x24, batch 256:
-    134 against 1,317 ms). Whole train steps on Zen 3 against the earlier
-    rule (XLA's kernel gradient below 64 channels): ResNet-20 at 32x32
-    1.4x, the default ResNet-8 1.05-1.15x and the textbook ResNet-18 at
-    96x96 1.1x faster.
+    it beat XLA's on every layer shape measured, and whole train steps beat
+    the earlier rule (XLA's kernel gradient below 64 channels) on every
+    model timed.
   """
   kh, kw, _, cout = kernel_shape
   positions = out_hw[0] * out_hw[1]

@@ -1,7 +1,6 @@
 """Per-layer profile of the convolution implementations on XLA's CPU backend.
 
-Usage (from the repo root):
-  python benchmarks/profile_conv.py [--nets r18_96,r20_32] [--reps 5]
+  python -m resnet_jax.profile_conv [--nets=r18_96,r20_32] [--reps=5]
 
 For every distinct conv layer shape of the network it times, separately and
 with jit + warm-up + median of --reps calls: the forward convolution (fwd), the
@@ -14,64 +13,35 @@ step splits into conv fwd / dgrad / wgrad and BatchNorm; compare the sum with
 a whole step from `python -m resnet_jax.benchmark` (the rest is the loss,
 the optimizer and the residual adds).
 
-Findings (2-core Zen 4 dev machine, shared with other jobs, so noisy; jax 0.10.2):
-- Per layer, r18_96 with XLA's convs: fwd 3.1 s, dgrad 3.3 s, wgrad 7.4 s per
-  step (sum 13.8 s): the kernel gradient runs at 5-30 GFLOP/s (1x1 strided:
-  5-13), fwd/dgrad at 30-100. The patches formulation's kernel gradient
-  reaches 20-70 GFLOP/s, and 1x1 convs as plain matmuls are 3-15x faster in
-  wgrad than XLA's.
-- The biggest single cost was not arithmetic but page faults: XLA:CPU
-  allocates each step's big temporaries afresh and glibc mmaps/unmaps them
-  (>32 MiB, or per-thread arenas), so every step re-faults and zeroes them
-  (~156k faults, 0.3 s sys per 3x3 64->64 conv at 24x24 b256). With
-  conv.configure_cpu_malloc() (no mmap, no trim, one arena) the faults go to 0
-  and that layer's patches forward drops 550 -> 250 ms.
-- Patch extraction: XLA turns slice(pad(x)) into one padded copy per tap and
-  then a separate concatenate: ~3x the memory traffic of the patches. For
-  small channel counts (CIFAR 16-32 channels) this copy dominates, and XLA's
-  own conv is faster (r20_32 layers: patches 2-8x slower per op).
-- Quieter rerun (2026-11-23, all nets): XLA's forward and input-gradient
-  convolutions collapse on tiny maps with many channels: 2x2 256->256 at
-  batch 256 takes 170 ms (7 GFLOP/s) against 7 ms as patches (172), 1x1
-  512->512 79 ms against 6.5 ms; the strided input gradient 4x4 128->256
-  75 ms against 6 ms. On 16-32 channels at 28-32 px XLA is 2-3x faster in
-  forward and input gradient and ~1.5-2x in the kernel gradient; from 64
-  channels the matmul kernel gradient is 1.2-1.5x faster. Single layers
-  reached up to ~210 GFLOP/s, above the nominal 166 (the cores boost).
-  conv.auto_plan encodes these findings per pass.
-- 2-core Zen 3 (2026-11-24): patch chunks of 128 MiB made the patch passes
-  memory-bound; cache-sized chunks (conv.PATCH_BYTES_LIMIT, now 8 MiB) made
-  them 1.2-2x faster (r20_32 16->16 kernel gradient 24 -> 12 ms, XLA's 31;
-  r18_96 24x24 64->64: fwd 180 -> 96, dgrad 127 -> 94, wgrad 170 -> 134 ms,
-  XLA's wgrad 1,317 ms), so the matmul kernel gradient now wins on every
-  layer shape and auto_plan uses it everywhere. BatchNorm + ReLU
-  forward+backward is ~6 % of a ResNet-20 step (3.4 ms per 32x32x16
-  activation at batch 128).
-- Whole-step (benchmarks/pytorch_compare.py, one run, loaded machine):
-  resnet18 at 32x32x3 b128 patches 126.5 img/s vs xla 28.4 vs hybrid 27.2
-  (XLA's convs on 1x1..8x8 maps are slow in all three passes); d2l ResNet-18
-  at 96x96x1 b256 too noisy to separate (p10 step: xla 5.9 s, patches 6.0 s,
-  hybrid 10.7 s, torch 3.4 s).
+What it found is encoded in resnet_jax/conv.py, with the reasons there: XLA's
+kernel-gradient convolution is its slowest pass, so `conv.auto_plan` takes
+it from the matmul form everywhere; XLA's forward and input gradient are slow
+on small maps with many channels and on 1x1 convolutions, where patches win,
+while on large maps with few channels copying out the patches dominates and
+XLA's own convolution is kept. Patch chunks are cache-sized
+(`conv.PATCH_BYTES_LIMIT`), and `conv.configure_cpu_malloc`, applied here as
+in training, keeps XLA:CPU from page-faulting its big temporaries in again
+every step (a cost that can exceed the arithmetic). Timings on a shared
+machine are noisy: compare implementations within one run, and rerun. The
+measured figures, with date and machine, are in README.md, Performance.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import functools
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax import lax  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
-from resnet_jax import conv  # noqa: E402
+from resnet_jax import cli, conv
+from resnet_jax.errors import UserError
 
 # (H, W, Cin, Cout, k, stride, pad, count) per layer shape.
 Layer = collections.namedtuple('Layer', 'h w cin cout k s p count')
@@ -142,6 +112,13 @@ NETS = {
 
 # Formulations to compare: (fwd, dgrad, wgrad) as conv.conv_forward & co. take them.
 IMPLS = {'xla': ('xla', 'xla', 'xla'), 'patches': conv.PATCHES_PLAN}
+
+_NETS = flags.DEFINE_string(
+    'nets', 'r18_96,r20_32',
+    f'Comma-separated networks whose layer shapes to time: {", ".join(NETS)}.')
+_REPS = flags.DEFINE_integer('reps', 5, 'Timed calls per op (median; after one '
+                             'warm-up call).')
+
 
 
 def bench(fn, *args, reps: int) -> float:
@@ -222,15 +199,24 @@ def profile_layers(net: str, reps: int) -> dict:
   return totals
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--nets', default='r18_96,r20_32')
-  parser.add_argument('--reps', type=int, default=5)
-  args = parser.parse_args()
+def _nets() -> list[str]:
+  nets = [n.strip() for n in _NETS.value.split(',') if n.strip()]
+  unknown = [n for n in nets if n not in NETS]
+  if unknown or not nets:
+    raise UserError(f'--nets: unknown network {", ".join(unknown) or "(none given)"}'
+                    f'; choose from {",".join(NETS)} (comma-separated)')
+  return nets
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  nets = _nets()
+  if _REPS.value < 1:
+    raise UserError(f'--reps={_REPS.value}: give 1 or more timed calls per op')
   conv.configure_cpu_malloc()
   print(f'jax {jax.__version__} backend {jax.default_backend()}')
-  for net in args.nets.split(','):
-    totals = profile_layers(net, args.reps)
+  for net in nets:
+    totals = profile_layers(net, _REPS.value)
     for impl in ('xla', 'patches', 'auto'):
       parts = {op: totals[(impl, op)] for op in ('fwd', 'dgrad', 'wgrad')}
       print(f'{net} {impl:>8} conv totals per step: ' + ', '.join(
@@ -240,4 +226,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main)

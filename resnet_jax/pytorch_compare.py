@@ -1,11 +1,11 @@
 """Train-step throughput of the same ResNets in PyTorch (CPU) and JAX, side by side.
 
-Optional: torch is not a dependency of resnet_jax. On the development machine
-`pip install torch` (a CPU-capable build) into the venv first. Usage, from the
-repo root:
+  python -m resnet_jax.pytorch_compare [--models=d2l_resnet18,resnet18,cifar_resnet20]
+      [--impls=xla,patches] [--steps=3] [--rounds=3] [--threads=2] [--notorch]
 
-  python benchmarks/pytorch_compare.py [--models d2l_resnet18,resnet18,cifar_resnet20]
-      [--impls xla,patches] [--steps 5] [--rounds 3] [--threads 2]
+Optional: torch is not a dependency of resnet_jax; install it into the venv
+first (`pip install -r requirements-torch.txt`, a CPU-capable build), or
+pass --notorch to time the JAX implementations only.
 
 One train step = forward + backward + SGD-momentum update in float32, with
 BatchNorm in training mode and a softmax cross-entropy loss; PyTorch runs in
@@ -15,28 +15,27 @@ warmed up first; then --rounds rounds each time --steps steps of every
 framework in turn (so a disturbance from other processes on the shared cores
 hits all of them alike), and the median step time over all rounds gives
 images/s. Results are made ready (jax.block_until_ready / a synchronous
-PyTorch CPU step) before the clock stops.
+PyTorch CPU step) before the clock stops. `conv.configure_cpu_malloc` is
+applied once for the whole process, so both frameworks get the same
+allocator.
 
 Inputs: d2l_resnet18 at 96x96x1 batch 256 (the textbook model), resnet18 and
-cifar_resnet20 at 32x32x3 batch 128.
+cifar_resnet20 at 32x32x3 batch 128. The measured figures, with date and
+machine, are in README.md, Performance.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
+import jax
+import numpy as np
+import optax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-from resnet_jax import conv, models  # noqa: E402
+from resnet_jax import cli, conv, models
+from resnet_jax.errors import UserError
 
 # name -> (input HWC, batch)
 SETUPS = {
@@ -44,6 +43,18 @@ SETUPS = {
     'resnet18': ((32, 32, 3), 128),
     'cifar_resnet20': ((32, 32, 3), 128),
 }
+
+_MODELS = flags.DEFINE_string(
+    'models', ','.join(SETUPS),
+    f'Comma-separated models to time: {", ".join(SETUPS)}.')
+_IMPLS = flags.DEFINE_string(
+    'impls', 'xla,patches',
+    f'Comma-separated JAX conv implementations: {", ".join(conv.CONV_IMPLS)}.')
+_STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps per round.')
+_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Rounds (frameworks take turns).')
+_THREADS = flags.DEFINE_integer('threads', 2, 'torch.set_num_threads.')
+_TORCH = flags.DEFINE_boolean('torch', True, 'Time PyTorch too (--notorch: '
+                              'JAX only, no torch install needed).')
 
 
 # ----------------------------------------------------------------------------- PyTorch
@@ -161,31 +172,50 @@ def jax_stepper(name: str, shape, batch: int, impl: str):
   return step
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--models', default=','.join(SETUPS))
-  parser.add_argument('--impls', default='xla,patches')
-  parser.add_argument('--steps', type=int, default=3, help='timed steps per round')
-  parser.add_argument('--rounds', type=int, default=3)
-  parser.add_argument('--threads', type=int, default=2, help='torch.set_num_threads')
-  parser.add_argument('--no-torch', action='store_true')
-  args = parser.parse_args()
+def _names(flag, what: str, choices) -> list[str]:
+  names = [n.strip() for n in flag.value.split(',') if n.strip()]
+  unknown = [n for n in names if n not in choices]
+  if unknown or not names:
+    raise UserError(f'--{flag.name}: unknown {what} '
+                    f'{", ".join(unknown) or "(none given)"}; choose from '
+                    f'{",".join(choices)} (comma-separated)')
+  return names
 
+
+def _check_flags() -> tuple[list[str], list[str]]:
+  names = _names(_MODELS, 'model', tuple(SETUPS))
+  impls = _names(_IMPLS, 'conv implementation', conv.CONV_IMPLS)
+  for flag in (_STEPS, _ROUNDS, _THREADS):
+    if flag.value < 1:
+      raise UserError(f'--{flag.name}={flag.value}: give 1 or more')
+  if _TORCH.value:
+    try:
+      import torch  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError as e:
+      raise UserError(
+          f'--torch: PyTorch is not installed ({e}): pip install -r '
+          'requirements-torch.txt into the venv, or pass --notorch to time '
+          'JAX only') from None
+  return names, impls
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  names, impls = _check_flags()
   # Applied once for the whole process, so both frameworks get the same allocator.
   conv.configure_cpu_malloc()
-  steppers_by_model = {}
-  if not args.no_torch:
+  if _TORCH.value:
     import torch  # pylint: disable=g-import-not-at-top
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(_THREADS.value)
     print(f'torch {torch.__version__} threads {torch.get_num_threads()}; ', end='')
   print(f'jax {jax.__version__} backend {jax.default_backend()}')
 
-  for name in args.models.split(','):
+  for name in names:
     shape, batch = SETUPS[name]
     steppers = {}
-    if not args.no_torch:
+    if _TORCH.value:
       steppers['torch'] = torch_stepper(name, shape, batch)
-    for impl in args.impls.split(','):
+    for impl in impls:
       steppers[f'jax-{impl}'] = jax_stepper(name, shape, batch, impl)
     times = {k: [] for k in steppers}
     for label, step in steppers.items():  # Compile / warm up.
@@ -193,9 +223,9 @@ def main() -> None:
       step()
       step()
       print(f'  {name} {label}: warm-up {time.perf_counter() - t:.1f} s', flush=True)
-    for _ in range(args.rounds):
+    for _ in range(_ROUNDS.value):
       for label, step in steppers.items():
-        for _ in range(args.steps):
+        for _ in range(_STEPS.value):
           t = time.perf_counter()
           step()
           times[label].append(time.perf_counter() - t)
@@ -206,8 +236,7 @@ def main() -> None:
       ratio = f'  {r / rate["torch"]:.2f}x torch' if 'torch' in rate else ''
       print(f'  {label:>14}: {r:7.1f} images/s  (step {np.median(times[label]) * 1e3:.0f} ms, '
             f'p10-p90 {spread[0] * 1e3:.0f}-{spread[1] * 1e3:.0f} ms){ratio}', flush=True)
-    steppers_by_model[name] = rate
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main)
