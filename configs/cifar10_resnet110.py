@@ -7,8 +7,8 @@ from configs import cifar10_resnet20
 
 def get_config():
   c = cifar10_resnet20.get_config()
-  c.model = 'cifar_resnet110'
-  c.learning_rate = 0.01
-  c.lr_boundaries = (400, 32_000, 48_000)
-  c.lr_scales = (10.0, 0.1, 0.1)
+  c.model.name = 'cifar_resnet110'
+  c.optim.learning_rate = 0.01
+  c.optim.lr_boundaries = (400, 32_000, 48_000)
+  c.optim.lr_scales = (10.0, 0.1, 0.1)
   return c

@@ -6,5 +6,5 @@ from configs import cifar10_resnet20
 
 def get_config():
   c = cifar10_resnet20.get_config()
-  c.model = 'cifar_resnet56'
+  c.model.name = 'cifar_resnet56'
   return c

@@ -1,41 +1,34 @@
-"""Throughput of the train and eval steps: python -m resnet_jax.benchmark.
+"""Throughput of a run's train and eval steps: python -m resnet_jax.benchmark.
 
-  python -m resnet_jax.benchmark --model resnet50 --batch_size 256 \
-      --image_size 224 --channels 3 --dtype bfloat16 --steps 50 --json out.json
-  python -m resnet_jax.benchmark --config configs/default.py --data fashion_mnist
+  python -m resnet_jax.benchmark --config=configs/imagenet_resnet50.py \
+      --config.data.batch_size=256 --steps=50 --json=out.json
+  python -m resnet_jax.benchmark --data=real --config.data.tfds_data_dir=D
 
-Runs the steps training runs (run_setup.init_state and run_setup.compile_steps:
-same model, on-device preprocessing, optimizer, mesh over all devices, batch
-sharded, state replicated and donated) and reports, for each step: lower and
-compile time, images/s per step (each step blocked on before the clock stops)
-and pipelined (steps dispatched back to back, one block at the end, as in
-training), FLOPs from XLA's cost analysis, the achieved FLOP/s and its fraction
-of the device's peak, and memory. Synthetic data is one fixed device-resident
-uint8 batch; `--data NAME` also times training's input pipeline (for an
-in-memory dataset: index stream -> on-device gather) against it.
+Builds the run exactly as training does (run_setup: the config's model,
+on-device preprocessing, optimizer, mesh over all devices, batch sharded,
+state replicated and donated) and reports, for each step: lower and compile
+time, images/s per step (each step blocked on before the clock stops) and
+pipelined (steps dispatched back to back, one block at the end, as in
+training), FLOPs from XLA's cost analysis, the achieved FLOP/s and its
+fraction of the device's peak, and memory. Synthetic data (the default) is
+one fixed device-resident uint8 batch of the dataset's image shape;
+`--data=real` puts the config's input pipeline in the loop and reports its
+ratio to synthetic data, over alternating rounds.
 
 Peak FLOP/s: a table for known accelerators; for a CPU, cores x clock x fp32
-FLOPs per cycle (see cpu_peak_flops). The 2-core development machines are
-AMD EPYCs of family 25 with two 256-bit FMA pipes per core (32 fp32
-FLOP/cycle; Zen 4 runs AVX-512 on the same pipes): model 1 (Zen 3), where
-/proc/cpuinfo reports 2445 MHz, gives 2 x 2.445 GHz x 32 = 156 GFLOP/s, and
-model 17 (Zen 4) at 2596 MHz gives 166 GFLOP/s. The hypervisor reports the
-nominal clock and the cores boost, so either is an approximate ceiling. The
-CPU figure is the fp32 peak also for bfloat16.
+FLOPs per cycle (`cpu_peak_flops`; the hypervisor reports the nominal clock
+and the cores boost, so it is an approximate ceiling, and the fp32 peak also
+for bfloat16).
 
 FLOPs are the model's arithmetic, the same for every conv_impl: XLA's cost
 analysis of the step lowered with XLA's own convolutions (`_flops`). The
 compiled patch programs would count differently: their chunk loops are
 counted once whatever their trip count, and their matmuls also multiply the
-zero padding they copy out (ResNet-18 at 32x32, whose last 3x3 convs see
-2x2 and 1x1 maps, does 0.076 GFLOP per forward as patches against XLA's
-0.044). Compare implementations by images/s.
+zero padding they copy out. Compare implementations by images/s.
 """
 
-import argparse
 import dataclasses
 import datetime
-import importlib.util
 import json
 import os
 import resource
@@ -45,22 +38,15 @@ import sys
 import time
 from typing import Any, Callable
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import flags
+from jax.sharding import PartitionSpec as P
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-from resnet_jax import (conv, device_data, input_pipeline,  # noqa: E402
-                        models, preprocess, run_setup, sharding)
-from resnet_jax.errors import UserError  # noqa: E402
-
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), 'configs', 'default.py')
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+from resnet_jax import (cli, conv, datasets, device_data, input_pipeline,
+                        run_setup, sharding)
+from resnet_jax.errors import UserError
 
 # device_kind substring (lower case; first match wins) -> dense peak FLOP/s per
 # device (bfloat16, float32). GPU float32 is the non-tensor-core figure: JAX's
@@ -77,97 +63,25 @@ PEAK_FLOPS = (
 
 @dataclasses.dataclass
 class Options:
-  config: Any  # run config (ml_collections) with the flags' overrides
-  input_shape: tuple[int, int, int] | None  # synthetic batch; None: --data's
-  num_classes: int | None
-  steps: int
-  warmup: int
-  data: str
-  ratio_rounds: int
-  json_path: str | None
-  argv: list[str]
+  config: Any  # the run's config, with the command line's overrides
+  steps: int = 50
+  warmup: int = 5
+  data: str = 'synthetic'  # or 'real': the config's input pipeline
+  ratio_rounds: int = 5
+  json_path: str | None = None
+  command: str = ''
 
-
-def _parse(argv: list[str]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog='python -m resnet_jax.benchmark', description=__doc__.split('\n')[0])
-  # None = from --config (or configs/default.py), so explicit flags win.
-  p.add_argument('--config', default=None, help='configs/X.py to start from')
-  p.add_argument('--model', default=None)
-  p.add_argument('--batch_size', type=int, default=None, help='global batch')
-  p.add_argument('--image_size', type=int, default=None,
-                 help='model input size (0 = the native size)')
-  p.add_argument('--channels', type=int, default=None,
-                 help='synthetic input of image_size^2 x channels (default: '
-                 "the config's dataset's native shape, resized as in training)")
-  p.add_argument('--dtype', choices=sorted(DTYPES), default=None)
-  p.add_argument('--num_classes', type=int, default=None)
-  p.add_argument('--width', type=int, default=None)
-  p.add_argument('--conv_impl', default=None)
-  p.add_argument('--steps', type=int, default=50, help='timed steps')
-  p.add_argument('--warmup', type=int, default=5)
-  p.add_argument('--data', default='synthetic',
-                 help="'synthetic' or an in-memory TFDS name (fashion_mnist)")
-  p.add_argument('--data_dir', default=None, help='TFDS data dir')
-  p.add_argument('--ratio_rounds', type=int, default=5,
-                 help='alternating synthetic/data rounds for the data ratio')
-  p.add_argument('--json', default=None, help='write all figures here')
-  return p.parse_args(argv)
-
-
-def load_config(path: str) -> Any:
-  """get_config() of a config file (they need ml_collections)."""
-  if not os.path.isfile(path):
-    raise UserError(f'config file not found: {path!r}; give configs/X.py')
-  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-  if root not in sys.path:  # configs import each other as `configs.X`
-    sys.path.insert(0, root)
-  spec = importlib.util.spec_from_file_location('_benchmark_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def make_options(argv: list[str]) -> Options:
-  a = _parse(argv)
-  config = load_config(a.config or _DEFAULT_CONFIG)
-  if a.model is not None:
-    # A model named on the command line is that model: a stage override
-    # belongs to the config's recipe (the default's ResNet-8 is a
-    # cifar_resnet20 with one block per stage).
-    config.stage_sizes = ()
-  native = input_pipeline.IN_MEMORY_DATASETS.get(config.dataset)
-  for field, value in (('model', a.model), ('batch_size', a.batch_size),
-                       ('image_size', a.image_size), ('width', a.width),
-                       ('conv_impl', a.conv_impl)):
-    if value is not None:
-      setattr(config, field, value)
-  if a.dtype is not None:
-    config.half_precision = a.dtype == 'bfloat16'
-  if a.data != 'synthetic':
-    config.dataset = a.data
-  if a.data_dir is not None:
-    config.tfds_data_dir = a.data_dir
-  if a.data != 'synthetic':
-    if a.channels:
-      raise UserError(f'--channels is for synthetic data; {a.data} has its '
-                      'own: leave --channels out')
-    shape = None
-  elif a.channels or not native:
-    size = config.image_size or 224
-    shape = (size, size, a.channels or 3)
-  else:
-    shape = tuple(native)
-  for name, value, low in (('steps', a.steps, 1), ('warmup', a.warmup, 0),
-                           ('channels', a.channels, 1),
-                           ('ratio_rounds', a.ratio_rounds, 1)):
-    if value is not None and value < low:
-      raise UserError(f'--{name}={value} must be at least {low}')
-  if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
-    raise UserError(f'--json {a.json}: its directory does not exist; create '
-                    'it or choose another path')
-  return Options(config, shape, a.num_classes, a.steps, a.warmup, a.data,
-                 a.ratio_rounds, a.json, list(argv))
+  def __post_init__(self):
+    if self.data not in ('synthetic', 'real'):
+      raise UserError(f"--data={self.data!r}: choose 'synthetic' or 'real'")
+    for name, low in (('steps', 1), ('warmup', 0), ('ratio_rounds', 1)):
+      if getattr(self, name) < low:
+        raise UserError(f'--{name}={getattr(self, name)} must be at least '
+                        f'{low}')
+    if self.json_path and not os.path.isdir(
+        os.path.dirname(os.path.abspath(self.json_path))):
+      raise UserError(f'--json={self.json_path}: its directory does not '
+                      'exist; create it or choose another path')
 
 
 # ------------------------------------------------------------------ the run
@@ -180,61 +94,33 @@ def _random_batch(shape: tuple[int, ...], num_classes: int,
           'label': rng.integers(0, num_classes, n).astype(np.int32)}
 
 
-def _synthetic_data(mesh, shape: tuple[int, int, int], num_classes: int,
-                    batch: int, stats_of: str) -> device_data.InMemoryData:
-  """`batch` random uint8 images on the devices, as an InMemoryData."""
-  b = _random_batch(shape, num_classes, batch)
-  info = input_pipeline.DatasetInfo(
-      name=stats_of, num_classes=num_classes,
-      class_names=tuple(map(str, range(num_classes))), image_shape=shape,
-      num_train=batch, num_eval=batch, in_memory=True)
-  images, labels = (sharding.global_array_from_host(mesh, b[k], P())
-                    for k in ('image', 'label'))
-  return device_data.InMemoryData(info, mesh, images, labels, images, labels)
+def _input_shape(config: Any) -> tuple[int, int, int]:
+  """The shape of the dataset's stored images (streamed ones arrive at
+  image_size), which the step resizes as in training."""
+  spec = datasets.get(config.data.dataset)
+  if spec.image_shape is not None:
+    return spec.image_shape
+  size = datasets.image_size(spec, config.data.image_size)
+  return (size, size, spec.channels)
 
 
-def _stats_name(dataset: str, channels: int) -> str:
-  """A dataset whose normalisation constants the synthetic images borrow, so
-  that the preprocessing is training's own (the values do not affect speed)."""
-  stats = preprocess.DATASET_STATS
-  if dataset in stats and len(stats[dataset][0]) == channels:
-    return dataset
-  for name, (mean, _) in stats.items():
-    if len(mean) == channels:
-      return name
-  raise UserError(f'--channels={channels}: synthetic data supports '
-                  f'{sorted({len(m) for m, _ in stats.values()})} channels')
+def _synthetic_data(config: Any, mesh) -> device_data.InMemoryData:
+  """One batch of random uint8 images of the dataset's shape, on the devices."""
+  spec = datasets.get(config.data.dataset)
+  n = config.data.batch_size
+  b = _random_batch(_input_shape(config), spec.num_classes, n)
+  split = input_pipeline.ArrayDataset(b['image'], b['label'])
+  splits = input_pipeline.InMemorySplits(split, {'test': split}, ())
+  return device_data.InMemoryData(spec, mesh, splits, n, n, config.run.seed)
 
 
 def build_run(opts: Options) -> tuple[run_setup.Run, dict]:
-  """The run (as run_setup.build makes it) and a fixed synthetic batch."""
-  c = opts.config
-  mesh = sharding.make_mesh()
-  sharding.check_batch_size(c.batch_size)
-  if opts.data == 'synthetic':
-    num_classes = opts.num_classes or models.model_defaults(
-        c.model)['num_classes']
-    shape = opts.input_shape
-    data = _synthetic_data(mesh, shape, num_classes, c.batch_size,
-                           _stats_name(c.dataset, shape[-1]))
-  else:
-    data = device_data.load(c, mesh, c.image_size)
-    if data.info.num_train < c.batch_size:
-      raise UserError(f'batch_size={c.batch_size} exceeds the '
-                      f'{data.info.num_train} training examples of {opts.data}')
-  model = run_setup.model_from_config(c, data.info.num_classes)
-  image_size = c.image_size or data.info.image_shape[0]
-  run_setup.check_image_size(model, image_size)
-  # The learning rate's schedule costs a few scalar ops; a constant one keeps
-  # the run independent of the dataset's length.
-  run = run_setup.Run(c, mesh, data, model, image_size, steps_per_epoch=1,
-                      total_steps=1,
-                      schedule=optax.constant_schedule(c.learning_rate))
-  shape = data.info.image_shape
-  if not shape[0]:  # streamed images of varying size arrive at image_size
-    shape = (image_size, image_size, shape[-1])
-  batch = _random_batch(shape, data.info.num_classes, c.batch_size)
-  return run, {k: sharding.global_array_from_host(mesh, v,
+  """The run (as training builds it) and a fixed synthetic global batch."""
+  load = _synthetic_data if opts.data == 'synthetic' else device_data.load
+  run = run_setup.build(opts.config, load_data=load)
+  n = run.config.data.batch_size
+  batch = _random_batch(_input_shape(run.config), run.data.spec.num_classes, n)
+  return run, {k: sharding.global_array_from_host(run.mesh, v,
                                                   P(sharding.DATA_AXIS))
                for k, v in batch.items()}
 
@@ -251,7 +137,7 @@ def _compile(fn, *args) -> tuple[Any, dict[str, float]]:
   return compiled, {'lower_s': t1 - t0, 'compile_s': t2 - t1}
 
 
-def _flops(fn, state: Any, batch: dict, model: nn.Module) -> float:
+def _flops(fn, state: Any, batch: dict, model: nn.Module) -> float | None:
   """FLOPs of one call over all devices, from XLA's cost analysis of the same
   step with XLA's own convolutions (`nn.Conv`).
 
@@ -260,13 +146,18 @@ def _flops(fn, state: Any, batch: dict, model: nn.Module) -> float:
   analysis does not multiply a loop body by its trip count, so counting the
   compiled step itself would miss most convolutions. Lowering the twin step
   costs no compilation, and the lowered (not yet partitioned) program is the
-  global one: its count covers all devices.
+  global one: its count covers all devices. Some backends give no count
+  for a lowered program (CUDA on jax 0.11), and their compiled programs hide
+  the convolutions in library calls that are not counted: there the FLOPs
+  are None (unknown), never a wrong figure. The count is the same on every
+  platform, so take it from a CPU run of the same config.
   """
   twin = state.replace(apply_fn=model.clone(conv=nn.Conv).apply)
   cost = fn.lower(twin, batch).cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per module
     cost = cost[0] if cost else {}
-  return float((cost or {}).get('flops', 0.0))
+  flops = (cost or {}).get('flops')
+  return float(flops) if flops else None
 
 
 def _timed(step: Callable, state: Any, n: int) -> tuple[Any, list[float]]:
@@ -292,7 +183,7 @@ def _pipelined(step: Callable, state: Any, n: int) -> tuple[Any, float]:
 
 
 def _measure(step: Callable, state: Any, opts: Options, batch: int,
-             flops: float, peak: float | None) -> tuple[Any, dict]:
+             flops: float | None, peak: float | None) -> tuple[Any, dict]:
   t0 = time.perf_counter()
   state, out = step(state)
   jax.block_until_ready((state, out))
@@ -301,7 +192,7 @@ def _measure(step: Callable, state: Any, opts: Options, batch: int,
   state, times = _timed(step, state, opts.steps)
   state, total = _pipelined(step, state, opts.steps)
   median = statistics.median(times)
-  achieved = flops / median
+  achieved = flops / median if flops else None
   return state, {
       'first_call_s': first, 'step_s_median': median,
       'step_s_min': min(times), 'step_s_max': max(times),
@@ -309,9 +200,10 @@ def _measure(step: Callable, state: Any, opts: Options, batch: int,
       'images_per_s_min': batch / max(times),
       'images_per_s_max': batch / min(times),
       'pipelined_images_per_s': opts.steps * batch / total,
-      'flops_per_step': flops, 'flops_per_example': flops / batch,
+      'flops_per_step': flops,
+      'flops_per_example': flops / batch if flops else None,
       'achieved_flops_per_s': achieved,
-      'fraction_of_peak': achieved / peak if peak else None,
+      'fraction_of_peak': achieved / peak if achieved and peak else None,
   }
 
 
@@ -329,15 +221,16 @@ def _memory(compiled) -> dict:
 
 def _data_ratio(train: Any, state: Any, run: run_setup.Run, batch: dict,
                 opts: Options) -> tuple[Any, dict]:
-  """Pipelined images/s with the in-memory input pipeline over synthetic,
+  """Pipelined images/s with the run's input pipeline over synthetic data,
   alternated in rounds so that both see the same machine load."""
-  c = run.config
-  batches = run.data.train_batches(0, c.batch_size, c.seed)
+  batches = run.data.train_batches(0)
 
   def data_step(s):  # as train_loop: the data's own batches -> step
-    return train(s, next(batches))
+    return train(s, next(batches)), None
 
-  synthetic_step = lambda s: train(s, batch)
+  def synthetic_step(s):
+    return train(s, batch), None
+
   state, _ = _timed(data_step, state, max(opts.warmup, 1))
   t_syn, t_data = [], []
   for _ in range(opts.ratio_rounds):
@@ -347,49 +240,47 @@ def _data_ratio(train: Any, state: Any, run: run_setup.Run, batch: dict,
     t_data.append(t)
   ratios = [s / d for s, d in zip(t_syn, t_data)]
   return state, {
-      'dataset': opts.data, 'rounds': opts.ratio_rounds, 'ratios': ratios,
-      'ratio_median': statistics.median(ratios),
+      'dataset': run.data.spec.name, 'rounds': opts.ratio_rounds,
+      'ratios': ratios, 'ratio_median': statistics.median(ratios),
       'ratio_of_totals': sum(t_syn) / sum(t_data),
-      'images_per_s': opts.ratio_rounds * opts.steps * c.batch_size
-                      / sum(t_data)}
+      'images_per_s': opts.ratio_rounds * opts.steps
+                      * run.config.data.batch_size / sum(t_data)}
 
 
 def run_benchmark(opts: Options) -> dict:
   load_start = os.getloadavg()
   run, batch = build_run(opts)
-  c, n = run.config, run.config.batch_size
+  c, n = run.config, run.config.data.batch_size
   state = run_setup.init_state(run)
   train_fn, eval_fn = run_setup.compile_steps(run)
   eval_batch = dict(batch, mask=sharding.global_array_from_host(
       run.mesh, np.ones(n, np.int32), P(sharding.DATA_AXIS)))
   train, train_compile = _compile(train_fn, state, batch)
   evaluate, eval_compile = _compile(eval_fn, state, eval_batch)
-  dtype = 'bfloat16' if c.half_precision else 'float32'
-  peak, peak_source = peak_flops(jax.devices()[0], dtype)
+  peak, peak_source = peak_flops(jax.devices()[0], c.model.dtype)
   result = {
       'date': datetime.datetime.now().isoformat(timespec='seconds'),
-      'command': ' '.join(['python -m resnet_jax.benchmark'] + opts.argv),
+      'command': opts.command,
       'jax_version': jax.__version__, 'backend': jax.default_backend(),
       'device_kind': jax.devices()[0].device_kind,
       'device_count': jax.device_count(),
-      'model': c.model, 'width': c.width or None,
-      'conv_impl': c.conv_impl,
-      'conv_impl_resolved': conv.resolve_conv_impl(c.conv_impl),
-      'dtype': dtype, 'batch_size': n,
+      'model': c.model.to_dict(),
+      'conv_impl_resolved': conv.resolve_conv_impl(c.model.conv_impl),
+      'dtype': c.model.dtype, 'batch_size': n, 'dataset': c.data.dataset,
       'input_shape': list(batch['image'].shape[1:]),
-      'image_size': run.image_size, 'num_classes': run.data.info.num_classes,
-      'data': opts.data, 'steps': opts.steps, 'warmup': opts.warmup,
-      'peak_flops_per_s': peak, 'peak_source': peak_source,
+      'image_size': run.image_size, 'data': opts.data, 'steps': opts.steps,
+      'warmup': opts.warmup, 'peak_flops_per_s': peak,
+      'peak_source': peak_source,
   }
   train_flops = _flops(train_fn, state, batch, run.model)
   eval_flops = _flops(eval_fn, state, eval_batch, run.model)
-  state, result['train'] = _measure(lambda s: train(s, batch), state, opts, n,
-                                    train_flops, peak)
+  state, result['train'] = _measure(lambda s: (train(s, batch), None), state,
+                                    opts, n, train_flops, peak)
   result['train'].update(train_compile, memory=_memory(train))
   state, result['eval'] = _measure(lambda s: (s, evaluate(s, eval_batch)),
                                    state, opts, n, eval_flops, peak)
   result['eval'].update(eval_compile, memory=_memory(evaluate))
-  if opts.data != 'synthetic':
+  if opts.data == 'real':
     state, result['data_pipeline'] = _data_ratio(train, state, run, batch, opts)
   result['max_rss_bytes'] = resource.getrusage(
       resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -476,7 +367,10 @@ def _fmt_bytes(b: int | None) -> str:
 
 
 def print_report(r: dict) -> None:
-  print(f'{r["model"]} {r["conv_impl_resolved"]} {r["dtype"]} '
+  m = r['model']
+  extras = ''.join(f' {k} {m[k]}' for k in ('width', 'stage_sizes')
+                   if m.get(k) is not None)
+  print(f'{m["name"]}{extras} {r["conv_impl_resolved"]} {r["dtype"]} '
         f'batch {r["batch_size"]} input '
         f'{"x".join(map(str, r["input_shape"]))} -> {r["image_size"]} '
         f'on {r["device_count"]} x {r["device_kind"]} (jax {r["jax_version"]})')
@@ -484,19 +378,23 @@ def print_report(r: dict) -> None:
   for name in ('train', 'eval'):
     s = r[name]
     frac = s['fraction_of_peak']
-    m = s['memory']
+    mem = s['memory']
     print(f'{name}: compile {s["lower_s"]:.1f}+{s["compile_s"]:.1f} s '
           f'(lower+compile), first call {s["first_call_s"]:.2f} s')
     print(f'  images/s {s["images_per_s_median"]:.1f} median '
           f'[{s["images_per_s_min"]:.1f}-{s["images_per_s_max"]:.1f}], '
           f'pipelined {s["pipelined_images_per_s"]:.1f}')
-    print(f'  {s["flops_per_example"] / 1e9:.3f} GFLOP/example, '
-          f'{s["achieved_flops_per_s"] / 1e9:.1f} GFLOP/s'
-          + (f' = {frac:.1%} of peak' if frac is not None else ''))
-    print(f'  memory: device peak {_fmt_bytes(m["device_peak_bytes"])}, '
-          f'temp {_fmt_bytes(m["temp_bytes"])}, args '
-          f'{_fmt_bytes(m["argument_bytes"])}, outputs '
-          f'{_fmt_bytes(m["output_bytes"])} (per device)')
+    if s['flops_per_example'] is None:
+      print("  FLOPs: not counted on this backend (XLA's cost analysis gives "
+            'none); take them from a CPU run of the same config')
+    else:
+      print(f'  {s["flops_per_example"] / 1e9:.3f} GFLOP/example, '
+            f'{s["achieved_flops_per_s"] / 1e9:.1f} GFLOP/s'
+            + (f' = {frac:.1%} of peak' if frac is not None else ''))
+    print(f'  memory: device peak {_fmt_bytes(mem["device_peak_bytes"])}, '
+          f'temp {_fmt_bytes(mem["temp_bytes"])}, args '
+          f'{_fmt_bytes(mem["argument_bytes"])}, outputs '
+          f'{_fmt_bytes(mem["output_bytes"])} (per device)')
   if 'data_pipeline' in r:
     d = r['data_pipeline']
     print(f'data {d["dataset"]}: {d["images_per_s"]:.1f} images/s pipelined, '
@@ -508,19 +406,40 @@ def print_report(r: dict) -> None:
         f'{load["start"][0]:.2f} -> {load["end"][0]:.2f}')
 
 
-def main(argv: list[str] | None = None) -> int:
-  try:
-    opts = make_options(sys.argv[1:] if argv is None else argv)
-    result = run_benchmark(opts)
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+def benchmark(opts: Options) -> dict:
+  """Runs, prints and (with --json) writes the figures."""
+  result = run_benchmark(opts)
   print_report(result)
   if opts.json_path:
     with open(opts.json_path, 'w', encoding='utf-8') as f:
       json.dump(result, f, indent=2)
-  return 0
+  return result
+
+
+def _define_flags():
+  """Only when run as a command: importing the module defines no flags."""
+  config = cli.define_config_flag()
+  flags.DEFINE_integer('steps', 50, 'Timed steps.')
+  flags.DEFINE_integer('warmup', 5, 'Untimed steps before timing.')
+  flags.DEFINE_enum('data', 'synthetic', ['synthetic', 'real'],
+                    "'real': also time the config's input pipeline against "
+                    'synthetic data.')
+  flags.DEFINE_integer('ratio_rounds', 5,
+                       'Alternating synthetic/real rounds for the data ratio.')
+  flags.DEFINE_string('json', None, 'Write all figures here.')
+  return config
+
+
+def main(argv: list[str], config_flag) -> None:
+  del argv
+  f = flags.FLAGS
+  benchmark(Options(cli.config_value(config_flag), steps=f.steps,
+                    warmup=f.warmup, data=f.data,
+                    ratio_rounds=f.ratio_rounds, json_path=f.json,
+                    command=' '.join(['python -m resnet_jax.benchmark']
+                                     + sys.argv[1:])))
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  _CONFIG = _define_flags()
+  cli.run(lambda argv: main(argv, _CONFIG))

@@ -1,15 +1,16 @@
 """Orbax checkpoints: everything needed to continue a run, and nothing lost.
 
 A checkpoint is a step folder `<workdir>/checkpoints/<step>/` with two items:
-`state` (params, batch_stats, optimizer state, step and RNG key data) and
-`meta` (JSON: step, epoch, offset in the epoch, the resolved config and the
-test metrics if the step was evaluated). Orbax writes a step into a temporary
+`state` (the whole TrainState: params, batch_stats, optimizer state, step,
+RNG key data and the running sums of the training metrics) and `meta` (JSON:
+the step and, if the step was evaluated, its evaluation metrics). The run's
+config is the workdir's config.json. Orbax writes a step into a temporary
 folder and renames it when complete, so a kill during an (asynchronous) save
 never leaves a half checkpoint that a restore would pick. Kept: the last
-`keep` steps plus the best by test accuracy.
+`keep` steps plus the best by `best_metric` (the accuracy on the run's first
+evaluation split: 'val' when one is held out, else the dataset's own).
 """
 
-import json
 import os
 import re
 from typing import Any
@@ -34,13 +35,14 @@ class Checkpointer:
   """Saves and restores training state in one workdir."""
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True,
-               read_only: bool = False):
+               read_only: bool = False, best_metric: str = 'test_accuracy'):
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     policies = ocp.checkpoint_managers
     preservation = policies.AnyPreservationPolicy([
         policies.LatestN(n=max(keep, 1)),
-        policies.BestN(get_metric_fn=lambda m: m['test_accuracy'],
-                       reverse=True, n=1,
+        # Orbax sorts ascending and keeps the last n: the highest accuracy.
+        policies.BestN(get_metric_fn=lambda m: m[best_metric],
+                       reverse=False, n=1,
                        keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(
@@ -54,14 +56,14 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def save(self, state: Any, meta: dict[str, Any],
-           metrics: dict[str, float] | None = None) -> None:
-    """Starts an (asynchronous) save of `state` at its step."""
+  def save(self, state: Any, metrics: dict[str, float] | None = None) -> None:
+    """Starts an (asynchronous) save of `state` at its step, with the step's
+    evaluation `metrics` if it was evaluated."""
     step = int(jax.device_get(state.step))
     self._manager.save(
         step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(serialization.to_state_dict(state)),
-            meta=ocp.args.JsonSave(dict(meta, step=step))),
+            meta=ocp.args.JsonSave({'step': step, 'metrics': metrics or {}})),
         metrics=metrics, force=True)
 
   def wait(self) -> None:
@@ -187,11 +189,3 @@ def _network_order(key: str) -> tuple:
   if match:
     return (1, int(match.group(1)), int(match.group(2)), '')
   return ({'stem': 0, 'bn_final': 2, 'fc': 3}.get(str(key), 1), 0, 0, str(key))
-
-
-def write_config(workdir: str, config_dict: dict[str, Any]) -> None:
-  path = os.path.join(workdir, 'config.json')
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(config_dict, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)

@@ -12,15 +12,11 @@ against the model before anything is returned.
 
 Command line (torch is needed only to read a .pth file; .npz also works):
 
-  python -m resnet_jax.convert --from torchvision --model resnet50 \
-      --src resnet50.pth --dst DIR
+  python -m resnet_jax.convert --model=resnet50 --src=resnet50.pth --dst=DIR
 """
 
-import argparse
-import json
 import math
 import os
-import sys
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -28,10 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax.errors import UserError
-from resnet_jax.models import create_model
+from resnet_jax.models import from_config
 
 __all__ = ['TORCHVISION_MODELS', 'from_torchvision', 'load_state_dict',
-           'adapt_input_channels', 'replace_head', 'write_converted', 'main']
+           'adapt_input_channels', 'replace_head', 'converted_config',
+           'write_converted', 'main']
 
 Variables = dict[str, Any]
 FlaxPath = tuple[str, ...]
@@ -97,7 +94,7 @@ def _as_numpy(value: Any) -> np.ndarray:
 def _expected_leaves(model_name: str, num_classes: int
                      ) -> dict[str, tuple[str, FlaxPath, tuple[int, ...]]]:
   """torch key -> (collection, Flax path, torch shape), in model order."""
-  model = create_model(model_name, num_classes=num_classes)
+  model = from_config(converted_config(model_name, num_classes).model)
   shapes = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                          train=False))
@@ -271,75 +268,86 @@ def replace_head(variables: Variables, num_classes: int,
   return _replace_leaf(variables, ('params', 'fc'), fc)
 
 
+def converted_config(model_name: str, num_classes: int) -> Any:
+  """The config.json of a converted directory: the same schema as a training
+  run's, naming the network and the data it was trained on (ImageNet at
+  224x224), so that predict.py, the summary, evaluation and warm starts read
+  it like any workdir."""
+  from resnet_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.base_config()
+  c.model.name = model_name
+  c.model.num_classes = int(num_classes)
+  c.model.zero_init_residual = False
+  c.data.dataset = 'imagenet2012'
+  c.data.image_size = 224
+  c.data.augment.flip = False
+  config_lib.validate(c)
+  return c
+
+
 def write_converted(dst: str, variables: Variables, model_name: str,
                     num_classes: int, src: str) -> None:
   """Writes DIR/checkpoints/0 and DIR/config.json, like a training workdir.
 
   The step folder has the items of resnet_jax.checkpointing: `state`
   ({'params', 'batch_stats'}, Orbax StandardSave) and `meta` (JSON: step 0
-  and the config), so `Checkpointer(dst).restore_variables()` reads it.
+  and where the weights came from), so `Checkpointer(dst).restore_variables()`
+  reads it.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from resnet_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   dst = os.path.abspath(dst)
   ckpt_dir = os.path.join(dst, 'checkpoints')
   if os.path.exists(os.path.join(ckpt_dir, '0')):
     raise UserError(f'{ckpt_dir}/0 already exists; choose a new --dst or '
                     'delete it')
-  config = {'model': model_name, 'num_classes': int(num_classes),
-            'dataset': 'imagenet2012', 'image_size': 224,
-            'source': 'torchvision', 'src': os.path.abspath(src)}
+  config = converted_config(model_name, num_classes)
   state = {'params': variables['params'],
            'batch_stats': variables['batch_stats']}
   os.makedirs(dst, exist_ok=True)
   with ocp.CheckpointManager(ckpt_dir) as manager:
     manager.save(0, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        meta=ocp.args.JsonSave({'step': 0, 'config': config})))
+        meta=ocp.args.JsonSave({'step': 0, 'metrics': {},
+                                'source': 'torchvision',
+                                'src': os.path.abspath(src)})))
     manager.wait_until_finished()
-  with open(os.path.join(dst, 'config.json'), 'w', encoding='utf-8') as f:
-    json.dump(config, f, indent=2)
-    f.write('\n')
+  config_lib.write(dst, config)
 
 
-def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog='python -m resnet_jax.convert', description=__doc__.splitlines()[0])
-  parser.add_argument('--from', dest='source', default='torchvision',
-                      help='checkpoint family; only "torchvision"')
-  parser.add_argument('--model', required=True,
-                      help=f'one of {", ".join(TORCHVISION_MODELS)}')
-  parser.add_argument('--src', required=True,
-                      help='state_dict file (.pth, or .npz of its arrays)')
-  parser.add_argument('--dst', required=True, help='output directory')
-  parser.add_argument('--num-classes', type=int, default=None,
-                      help='head size (default: read from fc.weight)')
-  return parser.parse_args(argv)
-
-
-def _convert(args: argparse.Namespace) -> None:
-  if args.source != 'torchvision':
-    raise UserError(f'--from {args.source!r} is not supported; use '
-                    '--from torchvision')
-  if args.model not in TORCHVISION_MODELS:
-    raise UserError(f'--model {args.model!r} has no torchvision counterpart; '
+def main(argv: Sequence[str]) -> None:
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  if f['from'].value != 'torchvision':
+    raise UserError(f'--from={f["from"].value!r} is not supported; use '
+                    '--from=torchvision')
+  if f.model not in TORCHVISION_MODELS:
+    raise UserError(f'--model={f.model!r} has no torchvision counterpart; '
                     f'choose one of: {", ".join(TORCHVISION_MODELS)}')
-  state = load_state_dict(args.src)
-  variables = from_torchvision(state, args.model, args.num_classes)
+  state = load_state_dict(f.src)
+  variables = from_torchvision(state, f.model, f.num_classes)
   num_classes = variables['params']['fc']['bias'].shape[0]
-  write_converted(args.dst, variables, args.model, num_classes, args.src)
-  print(f'wrote {args.model} ({num_classes} classes) to {args.dst}')
+  write_converted(f.dst, variables, f.model, num_classes, f.src)
+  print(f'wrote {f.model} ({num_classes} classes) to {f.dst}')
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """CLI entry point: a UserError is one line on stderr and exit code 2."""
-  args = _parse_args(sys.argv[1:] if argv is None else argv)
-  try:
-    _convert(args)
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  return 0
+def _define_flags() -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string('from', 'torchvision',
+                      'Checkpoint family; only "torchvision".')
+  flags.DEFINE_string('model', None,
+                      f'One of {", ".join(TORCHVISION_MODELS)}.',
+                      required=True)
+  flags.DEFINE_string('src', None,
+                      'state_dict file (.pth, or .npz of its arrays).',
+                      required=True)
+  flags.DEFINE_string('dst', None, 'Output directory.', required=True)
+  flags.DEFINE_integer('num_classes', None,
+                       'Head size (default: read from fc.weight).')
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  from resnet_jax import cli  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  cli.run(main)

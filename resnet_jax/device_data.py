@@ -1,15 +1,22 @@
 """Batches on the devices, ready for the train and eval steps.
 
-Datasets that fit in memory are copied to every device once, as uint8; a
-train batch is then a gather by a (global, sharded) index array inside a
+Both kinds of dataset share one interface, `Data`: what a run trains on
+(`spec`, `num_train`), its named evaluation sets (`eval_sizes`), and global,
+sharded batches from any step on (`train_batches`) or of a named set
+(`eval_batches`). A batch is {'image': uint8 NHWC, 'label': int32} (plus
+'mask' for evaluation), preprocessed inside the step.
+
+In memory (`InMemoryData`): the dataset is copied to every device once, as
+uint8; a train batch is a gather by a (global, sharded) index array inside a
 jitted function, so per step the host ships only `batch_size` integers and
-never starves the accelerator. Large datasets (ImageNet) stream through
-tf.data on each process, and a background thread assembles the global
-batches and puts them on the devices ahead of the step. Either way the order
-of examples is a pure function of (seed, epoch), and `train_batches(step)`
-continues exactly where an uninterrupted run would be.
+never starves the accelerator. Streamed (`StreamingData`, ImageNet): tf.data
+on each process, and a background thread assembles the global batches and
+puts them on the devices ahead of the step. Either way the order of examples
+is a pure function of (seed, epoch), and `train_batches(step)` continues
+exactly where an uninterrupted run would be.
 """
 
+import abc
 import collections
 import dataclasses
 import functools
@@ -20,73 +27,103 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from resnet_jax import input_pipeline, preprocess, sharding, streaming
-from resnet_jax.errors import UserError
+from resnet_jax import datasets, input_pipeline, preprocess, sharding
+from resnet_jax.config import steps_per_epoch
+
+Batch = dict[str, jax.Array]
 
 
-@dataclasses.dataclass
-class InMemoryData:
+class Data(abc.ABC):
+  """A run's dataset on the devices: train batches and named eval sets."""
+
+  def __init__(self, spec: datasets.DatasetSpec, mesh: Mesh, num_train: int,
+               eval_sizes: dict[str, int], batch_size: int,
+               eval_batch_size: int, seed: int):
+    self.spec = spec
+    self.mesh = mesh
+    self.num_train = num_train
+    self.eval_sizes = eval_sizes  # ordered: the selecting split first
+    self.batch_size = batch_size
+    self.eval_batch_size = eval_batch_size
+    self.seed = seed
+
+  @property
+  def eval_splits(self) -> tuple[str, ...]:
+    return tuple(self.eval_sizes)
+
+  @abc.abstractmethod
+  def train_batches(self, start_step: int) -> Iterator[Batch]:
+    """Endless train batches from global step `start_step` on."""
+
+  @abc.abstractmethod
+  def eval_batches(self, split: str) -> Iterator[Batch]:
+    """Every example of `split` once, in padded batches with a 'mask'."""
+
+
+class InMemoryData(Data):
   """A dataset resident on the devices, with index-driven batches."""
-  info: input_pipeline.DatasetInfo
-  mesh: Mesh
-  train_images: jax.Array
-  train_labels: jax.Array
-  eval_images: jax.Array
-  eval_labels: jax.Array
 
-  def __post_init__(self):
-    out = sharding.batch_sharded(self.mesh)
+  def __init__(self, spec: datasets.DatasetSpec, mesh: Mesh,
+               splits: input_pipeline.InMemorySplits, batch_size: int,
+               eval_batch_size: int, seed: int):
+    super().__init__(spec, mesh, len(splits.train),
+                     {k: len(v) for k, v in splits.evals.items()}, batch_size,
+                     eval_batch_size, seed)
+    put = functools.partial(sharding.global_array_from_host, mesh, spec=P())
+    self._train = (put(splits.train.images), put(splits.train.labels))
+    self._evals = {k: (put(v.images), put(v.labels))
+                   for k, v in splits.evals.items()}
+    out = sharding.batch_sharded(mesh)
     self._gather = jax.jit(preprocess.gather, out_shardings=(out, out))
 
-  def _indices(self, indices: np.ndarray) -> jax.Array:
+  def _sharded(self, values: np.ndarray) -> jax.Array:
     return sharding.global_array_from_host(
-        self.mesh, np.asarray(indices, np.int32), P(sharding.DATA_AXIS))
+        self.mesh, np.asarray(values, np.int32), P(sharding.DATA_AXIS))
 
-  def train_batches(self, start_step: int, batch_size: int,
-                    seed: int) -> Iterator[dict[str, jax.Array]]:
-    """Endless train batches from global step `start_step` on."""
-    for _, _, indices in input_pipeline.train_index_stream(
-        self.info.num_train, batch_size, seed, start_step=start_step):
-      image, label = self._gather(self.train_images, self.train_labels,
-                                  self._indices(indices))
+  def train_batches(self, start_step: int) -> Iterator[Batch]:
+    for indices in input_pipeline.train_index_stream(
+        self.num_train, self.batch_size, self.seed, start_step=start_step):
+      image, label = self._gather(*self._train, self._sharded(indices))
       yield {'image': image, 'label': label}
 
-  def eval_batches(self, batch_size: int) -> Iterator[dict[str, jax.Array]]:
-    for indices, mask in input_pipeline.eval_batches(self.info.num_eval,
-                                                     batch_size):
-      image, label = self._gather(self.eval_images, self.eval_labels,
-                                  self._indices(indices))
-      yield {'image': image, 'label': label,
-             'mask': sharding.global_array_from_host(
-                 self.mesh, mask.astype(np.int32), P(sharding.DATA_AXIS))}
+  def eval_batches(self, split: str) -> Iterator[Batch]:
+    for indices, mask in input_pipeline.eval_batches(self.eval_sizes[split],
+                                                     self.eval_batch_size):
+      image, label = self._gather(*self._evals[split], self._sharded(indices))
+      yield {'image': image, 'label': label, 'mask': self._sharded(mask)}
 
 
-@dataclasses.dataclass
-class StreamingData:
+class StreamingData(Data):
   """A dataset read through tf.data, each process reading its own share."""
-  info: input_pipeline.DatasetInfo
-  mesh: Mesh
-  config: Any
-  image_size: int
+
+  def __init__(self, spec: datasets.DatasetSpec, mesh: Mesh, data_config: Any,
+               image_size: int, seed: int):
+    from resnet_jax import streaming, tfds_io  # pylint: disable=g-import-not-at-top
+    self._streaming = streaming
+    self._dirs = dict(data_dir=data_config.tfds_data_dir,
+                      manual_dir=data_config.tfds_manual_dir)
+    self._image_size = image_size
+    builder = tfds_io.builder(spec.name, data_config.tfds_data_dir)
+    super().__init__(
+        spec, mesh, streaming.split_size(builder, spec, 'train'),
+        {k: streaming.split_size(builder, spec, k) for k in spec.eval_splits},
+        data_config.batch_size, data_config.eval_batch_size, seed)
 
   def _stream(self, split: str, batch_size: int, train: bool, epoch: int):
-    return streaming.streaming_dataset(
-        self.info.name, split, batch_size_per_process=batch_size //
-        jax.process_count(), image_size=self.image_size, train=train,
-        seed=self.config.seed, epoch=epoch,
-        data_dir=self.config.tfds_data_dir or None,
-        manual_dir=self.config.tfds_manual_dir or None)
+    return self._streaming.streaming_dataset(
+        self.spec, split, batch_size_per_process=batch_size //
+        jax.process_count(), image_size=self._image_size, train=train,
+        seed=self.seed, epoch=epoch, **self._dirs)
 
-  def train_batches(self, start_step: int, batch_size: int,
-                    seed: int) -> Iterator[dict[str, jax.Array]]:
-    del seed  # the stream is seeded from the config
-    steps = input_pipeline.steps_per_epoch(self.info.num_train, batch_size)
+  def train_batches(self, start_step: int) -> Iterator[Batch]:
+    steps = steps_per_epoch(self.num_train, self.batch_size)
     epoch, offset = divmod(start_step, steps)
 
     def host_batches():
       e, skip = epoch, offset
       while True:
-        for i, batch in enumerate(self._stream('train', batch_size, True, e)):
+        for i, batch in enumerate(self._stream('train', self.batch_size, True,
+                                               e)):
           if i >= steps:
             break
           if i >= skip:  # resuming: the epoch's order is fixed, skip ahead
@@ -95,18 +132,13 @@ class StreamingData:
 
     return _prefetch_to_device(self.mesh, host_batches())
 
-  def __post_init__(self):
-    # Once, before any prefetch thread opens a stream.
-    self.eval_split = streaming.eval_split_name(input_pipeline.tfds_builder(
-        self.info.name, self.config.tfds_data_dir or None))
-
-  def eval_batches(self, batch_size: int) -> Iterator[dict[str, jax.Array]]:
+  def eval_batches(self, split: str) -> Iterator[Batch]:
     return _prefetch_to_device(
-        self.mesh, self._stream(self.eval_split, batch_size, False, 0))
+        self.mesh, self._stream(split, self.eval_batch_size, False, 0))
 
 
 def _prefetch_to_device(mesh: Mesh, batches: Iterator[dict[str, np.ndarray]],
-                        size: int = 2) -> Iterator[dict[str, jax.Array]]:
+                        size: int = 2) -> Iterator[Batch]:
   """Global device batches, assembled `size` steps ahead in a thread."""
   queue: collections.deque = collections.deque()
   ready = threading.Semaphore(0)
@@ -138,32 +170,34 @@ def _prefetch_to_device(mesh: Mesh, batches: Iterator[dict[str, np.ndarray]],
     yield item
 
 
-def load(config: Any, mesh: Mesh, image_size: int = 0
-         ) -> InMemoryData | StreamingData:
-  """Reads the dataset named in the config and places it on the devices."""
-  if streaming.is_streaming(config.dataset, config.tfds_data_dir or None):
-    info = streaming.streaming_info(config.dataset,
-                                    data_dir=config.tfds_data_dir or None)
-    if not image_size:
-      raise UserError(f'{config.dataset} has images of varying size; set '
-                      '--config.image_size (e.g. 224)')
-    return StreamingData(info, mesh, config, image_size)
-  info, train, test = input_pipeline.load_in_memory(
-      config.dataset, data_dir=config.tfds_data_dir or None,
-      manual_dir=config.tfds_manual_dir or None,
-      validation_examples=config.validation_examples)
-  put = functools.partial(sharding.global_array_from_host, mesh, spec=P())
-  return InMemoryData(info, mesh, put(train.images), put(train.labels),
-                      put(test.images), put(test.labels))
+def load(config: Any, mesh: Mesh) -> Data:
+  """The run's dataset (config.data), on the devices."""
+  d = config.data
+  spec = datasets.get(d.dataset)
+  if spec.storage == 'stream':
+    return StreamingData(spec, mesh, d, datasets.image_size(spec, d.image_size),
+                         config.run.seed)
+  splits = input_pipeline.load_in_memory(
+      spec, data_dir=d.tfds_data_dir, manual_dir=d.tfds_manual_dir,
+      validation_examples=d.validation_examples)
+  return InMemoryData(spec, mesh, splits, d.batch_size, d.eval_batch_size,
+                      config.run.seed)
 
 
-def make_preprocess(config: Any, info: input_pipeline.DatasetInfo,
-                    image_size: int, dtype: Any, train: bool):
-  """The on-device preprocessing closure for the train or eval step."""
-  if info.name not in preprocess.DATASET_STATS:
-    raise UserError(f'no normalisation statistics for dataset {info.name!r}; '
-                    'add them to resnet_jax.preprocess.DATASET_STATS')
-  mean, std = preprocess.DATASET_STATS[info.name]
-  augment = preprocess.augment_config_from(config) if train else None
-  return functools.partial(preprocess.preprocess_batch, image_size=image_size,
-                           mean=mean, std=std, augment=augment, dtype=dtype)
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+  """The on-device preprocessing of a run, for training and evaluation."""
+  train: Any
+  eval: Any
+
+
+def make_preprocess(config: Any, spec: datasets.DatasetSpec, image_size: int,
+                    dtype: Any) -> Preprocessing:
+  """Resize to image_size, normalise with the dataset's statistics and (for
+  training) augment as config.data.augment says."""
+  common = dict(image_size=image_size, mean=spec.mean, std=spec.std,
+                dtype=dtype)
+  augment = preprocess.augment_config_from(config.data.augment)
+  return Preprocessing(
+      functools.partial(preprocess.preprocess_batch, augment=augment, **common),
+      functools.partial(preprocess.preprocess_batch, augment=None, **common))

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+import types
 from typing import Any
 
 import jax
@@ -23,8 +24,7 @@ class MetricWriter:
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._tb = None
     if enabled:
-      from tensorboard.summary import Writer  # pylint: disable=g-import-not-at-top
-      self._tb = Writer(os.path.join(workdir, 'tensorboard'))
+      self._tb = _tensorboard_writer(os.path.join(workdir, 'tensorboard'))
 
   def write(self, record: dict[str, Any]) -> None:
     if not self.enabled:
@@ -53,6 +53,20 @@ class MetricWriter:
       self._tb.close()
 
 
+def _tensorboard_writer(logdir: str):
+  """TensorBoard's framework-free event writer.
+
+  TensorBoard's writer imports TensorFlow whenever it is installed (seconds
+  of start-up and gigabytes of address space in a training process that
+  never uses it), unless the module `tensorboard.compat.notf` exists, which
+  makes it take its own TF-free stub: that marker is registered here.
+  """
+  sys.modules.setdefault('tensorboard.compat.notf',
+                         types.ModuleType('tensorboard.compat.notf'))
+  from tensorboard.summary import Writer  # pylint: disable=g-import-not-at-top
+  return Writer(logdir)
+
+
 def read_records(workdir: str) -> list[dict[str, Any]]:
   path = os.path.join(workdir, 'metrics.jsonl')
   return _parse_lines(path) if os.path.exists(path) else []
@@ -70,11 +84,9 @@ def _parse_lines(path: str) -> list[dict[str, Any]]:
   return records
 
 
-def plot_curves(workdir: str, eval_split: str = 'test') -> str | None:
-  """train loss, train acc and test acc against epoch, as in the textbook.
-
-  `eval_split` names what the test_* records measured ('val' when the run
-  evaluated on a split held out from the training set)."""
+def plot_curves(workdir: str) -> str | None:
+  """train loss, train accuracy and the accuracy of each evaluated split
+  ('test acc', 'val acc') against epoch, as in the textbook."""
   epochs = [r for r in read_records(workdir) if 'epoch' in r]
   if not epochs:
     return None
@@ -82,12 +94,15 @@ def plot_curves(workdir: str, eval_split: str = 'test') -> str | None:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   x = [r['epoch'] for r in epochs]
+  evaluated = sorted({k for r in epochs for k in r
+                      if k.endswith('_accuracy') and k != 'train_accuracy'})
   fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=100)
-  for key, style in (('train_loss', '-'), ('train_accuracy', 'm--'),
-                     ('test_accuracy', 'g-.')):
-    if all(key in r for r in epochs):
-      label = key.replace('_', ' ').replace('test', eval_split)
-      ax.plot(x, [r[key] for r in epochs], style, label=label)
+  styles = ['-', 'm--'] + ['g-.', 'c:', 'y-.'][:len(evaluated)]
+  for key, style in zip(['train_loss', 'train_accuracy'] + evaluated, styles):
+    points = [(e, r[key]) for e, r in zip(x, epochs) if key in r]
+    if points:
+      label = key.replace('_accuracy', ' acc').replace('_', ' ')
+      ax.plot(*zip(*points), style, label=label)
   ax.set_xlabel('epoch')
   ax.set_xlim(0, max(x))
   ax.grid(True, alpha=0.3)

@@ -24,8 +24,8 @@ from resnet_jax.blocks import (BasicBlock, Bottleneck, CifarStem, ImageNetStem,
                                PreActBasicBlock, PreActBottleneck, Residual)
 from resnet_jax.errors import UserError
 
-__all__ = ['ResNet', 'Residual', 'create_model', 'available_models',
-           'model_defaults']
+__all__ = ['ResNet', 'Residual', 'create_model', 'from_config',
+           'available_models', 'check_image_size']
 
 ModuleDef = Any
 # He et al. 2015 initialisation for convs followed by ReLU, as torchvision.
@@ -143,7 +143,7 @@ def _build_registry() -> dict[str, _Entry]:
       'Wide ResNet-50-2: bottleneck 3x3 convs twice as wide',
       dict(_IMAGENET, block_cls=Bottleneck, stage_sizes=(3, 4, 6, 3),
            block_kwargs={'base_width': 128}))
-  for depth in (20, 32, 44, 56, 110):
+  for depth in (8, 20, 32, 44, 56, 110):
     n = (depth - 2) // 6
     reg[f'cifar_resnet{depth}'] = _Entry(
         f'CIFAR ResNet-{depth} (He et al. 2016 section 4.2, 6n+2 with n={n})',
@@ -162,12 +162,6 @@ def available_models() -> list[str]:
   return list(_REGISTRY)
 
 
-def model_defaults(name: str) -> dict[str, Any]:
-  """Description and default number of classes of a registered model."""
-  entry = _lookup(name)
-  return {'description': entry.description, 'num_classes': entry.num_classes}
-
-
 def _lookup(name: str) -> _Entry:
   if name not in _REGISTRY:
     raise UserError(f'unknown model {name!r}; choose one of: '
@@ -175,9 +169,13 @@ def _lookup(name: str) -> _Entry:
   return _REGISTRY[name]
 
 
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
 def create_model(name: str, num_classes: int | None = None, *,
                  conv_impl: str = 'xla', width: int | None = None,
-                 **overrides: Any) -> ResNet:
+                 stage_sizes: Sequence[int] | None = None,
+                 dtype: Any = jnp.float32, **overrides: Any) -> ResNet:
   """Builds a registered model.
 
   Args:
@@ -189,8 +187,11 @@ def create_model(name: str, num_classes: int | None = None, *,
       parameters and outputs.
     width: stem width; stage widths scale with it (64 -> 64/128/256/512 for
       the ImageNet family, 16 -> 16/32/64 for CIFAR), for narrow variants.
-    **overrides: `ResNet` fields (dtype, zero_init_residual, bn_momentum, ...)
-      or block options (shortcut='A'|'B', stride_in_1x1, groups, base_width).
+    stage_sizes: blocks per stage instead of the model's own.
+    dtype: compute dtype (a jnp dtype, 'float32' or 'bfloat16'); parameters
+      stay float32.
+    **overrides: `ResNet` fields (zero_init_residual, bn_momentum, ...) or
+      block options (shortcut='A'|'B', stride_in_1x1, groups, base_width).
   """
   entry = _lookup(name)
   fields = dict(entry.fields)
@@ -208,15 +209,41 @@ def create_model(name: str, num_classes: int | None = None, *,
     widths = fields.get('stage_widths', ResNet.stage_widths)
     fields['stage_widths'] = tuple(w * width // base for w in widths)
     fields['stem_width'] = width
+  if stage_sizes is not None:
+    fields['stage_sizes'] = tuple(stage_sizes)
   if conv_impl != 'xla':
     from resnet_jax import conv  # pylint: disable=g-import-not-at-top
     fields['conv'] = conv.get_conv(conv_impl)
   fields.update(overrides)
-  return ResNet(num_classes=num_classes or entry.num_classes, **fields)
+  return ResNet(num_classes=num_classes or entry.num_classes,
+                dtype=_DTYPES.get(dtype, dtype), **fields)
+
+
+def from_config(model_config: Any) -> ResNet:
+  """The network a config's `model` section describes (a ConfigDict, or the
+  dict a workdir's config.json holds): `create_model(**section)`."""
+  return create_model(**dict(model_config))
+
+
+def check_image_size(model: ResNet, image_size: int) -> None:
+  """Each stride halves the map (rounding up, as the padding does), so any
+  size gives at least 1x1 at the end; a size is too small when the map is
+  already 1x1 before the last downsampling, where the remaining stages could
+  only see single pixels. The textbook ResNet-18 at 28x28 (maps 14, 7, 4, 2,
+  1) is fine; at 16 it is not."""
+  stem = 4 if model.stem_cls is ImageNetStem else 1
+  factor = stem * 2 ** (len(model.stage_sizes) - 1)
+  smallest = factor // 2 + 1
+  if image_size < smallest:
+    raise UserError(f'image_size={image_size} is too small for this model, '
+                    f'which downsamples by {factor}: its last stages would '
+                    'see only 1x1 maps; use --config.data.image_size of at '
+                    f'least {smallest}')
 
 
 def _valid_options() -> list[str]:
   names = [f.name for f in dataclasses.fields(ResNet)
            if f.name not in ('parent', 'name', 'stage_sizes', 'block_cls',
                              'num_classes')]
-  return sorted(names + list(_BLOCK_OPTIONS) + ['conv_impl', 'width'])
+  return sorted(names + list(_BLOCK_OPTIONS) + ['conv_impl', 'width',
+                                                'stage_sizes'])

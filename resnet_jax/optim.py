@@ -1,49 +1,35 @@
-"""Optax optimiser and learning-rate schedule from a run's config."""
+"""Optax optimiser and learning-rate schedule from a run's `optim` section."""
 
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from resnet_jax.errors import UserError
-
-OPTIMIZERS = ('sgd', 'adamw')
-SCHEDULES = ('constant', 'piecewise', 'cosine')
+from resnet_jax.config import Steps
 
 
-def warmup_steps(config: Any, steps_per_epoch: int) -> int:
-  if config.warmup_steps > 0:
-    return int(config.warmup_steps)
-  return int(round(config.warmup_epochs * steps_per_epoch))
-
-
-def create_schedule(config: Any, total_steps: int,
-                    steps_per_epoch: int) -> optax.Schedule:
-  """constant, piecewise (step decay) or cosine, with optional linear warmup."""
-  lr = float(config.learning_rate)
-  warmup = warmup_steps(config, steps_per_epoch)
-  if config.schedule == 'piecewise':
-    if len(config.lr_boundaries) != len(config.lr_scales):
-      raise UserError('lr_boundaries and lr_scales must have the same length '
-                      f'(got {len(config.lr_boundaries)} and '
-                      f'{len(config.lr_scales)})')
-    return optax.piecewise_constant_schedule(
-        lr, dict(zip((int(b) for b in config.lr_boundaries),
-                     (float(s) for s in config.lr_scales))))
-  if config.schedule == 'cosine':
-    if warmup >= total_steps:
-      raise UserError(f'warmup ({warmup} steps) must be shorter than the run '
-                      f'({total_steps} steps); lower --config.warmup_epochs')
+def create_schedule(optim: Any, steps: Steps) -> optax.Schedule:
+  """constant, piecewise (step decay) or cosine (to 0 at the end of the run),
+  each after a linear warmup from 0 over `steps.warmup` steps."""
+  lr = float(optim.learning_rate)
+  warmup = steps.warmup
+  if optim.schedule == 'cosine':
+    if warmup >= steps.total:  # the whole run is warmup
+      return optax.linear_schedule(0.0, lr, steps.total)
     return optax.warmup_cosine_decay_schedule(
-        0.0, lr, warmup_steps=warmup, decay_steps=total_steps)
-  if config.schedule == 'constant':
-    if warmup:
-      return optax.join_schedules(
-          [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)],
-          [warmup])
-    return optax.constant_schedule(lr)
-  raise UserError(f'unknown schedule {config.schedule!r}; choose one of: '
-                  f'{", ".join(SCHEDULES)}')
+        0.0, lr, warmup_steps=warmup, decay_steps=steps.total)
+  if optim.schedule == 'piecewise':
+    base = optax.piecewise_constant_schedule(
+        lr, dict(zip((int(b) for b in optim.lr_boundaries),
+                     (float(s) for s in optim.lr_scales))))
+  else:
+    base = optax.constant_schedule(lr)
+  if not warmup:
+    return base
+  # Boundaries stay where the recipe put them (optax.join_schedules would
+  # shift the second schedule by the warmup).
+  return lambda step: jnp.minimum(1.0, step / warmup) * base(step)
 
 
 def decay_mask(params: Any, decay_bn_and_bias: bool) -> Any:
@@ -54,24 +40,21 @@ def decay_mask(params: Any, decay_bn_and_bias: bool) -> Any:
   return jax.tree.map(lambda p: decay_bn_and_bias or p.ndim > 1, params)
 
 
-def create_optimizer(config: Any, schedule: optax.Schedule,
+def create_optimizer(optim: Any, schedule: optax.Schedule,
                      params: Any) -> optax.GradientTransformation:
   """Clip (optional) -> decay -> SGD (momentum / Nesterov) or AdamW."""
-  mask = decay_mask(params, config.decay_bn_and_bias)
+  mask = decay_mask(params, optim.decay_bn_and_bias)
   parts = []
-  if config.grad_clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
-  if config.optimizer == 'sgd':
+  if optim.grad_clip_norm is not None:
+    parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
+  if optim.optimizer == 'sgd':
     # Coupled decay (added to the gradient before momentum), as in PyTorch's
     # SGD and the papers' recipes.
-    if config.weight_decay > 0:
-      parts.append(optax.add_decayed_weights(config.weight_decay, mask))
-    parts.append(optax.sgd(schedule, momentum=config.momentum or None,
-                           nesterov=bool(config.nesterov and config.momentum)))
-  elif config.optimizer == 'adamw':
-    parts.append(optax.adamw(schedule, weight_decay=config.weight_decay,
+    if optim.weight_decay > 0:
+      parts.append(optax.add_decayed_weights(optim.weight_decay, mask))
+    parts.append(optax.sgd(schedule, momentum=optim.momentum or None,
+                           nesterov=bool(optim.nesterov and optim.momentum)))
+  else:  # 'adamw' (config.validate admits no other)
+    parts.append(optax.adamw(schedule, weight_decay=optim.weight_decay,
                              mask=mask))
-  else:
-    raise UserError(f'unknown optimizer {config.optimizer!r}; choose one of: '
-                    f'{", ".join(OPTIMIZERS)}')
   return optax.chain(*parts)

@@ -16,15 +16,6 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-# Per-channel mean/std in 0-1 pixel units (computed on each train split).
-DATASET_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    'fashion_mnist': ((0.2860,), (0.3530,)),
-    'mnist': ((0.1307,), (0.3081,)),
-    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    'imagenet2012': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
@@ -42,25 +33,12 @@ class AugmentConfig:
     return self.crop_padding > 0 or self.flip or self.random_erasing > 0
 
 
-def augment_config_from(config: Any) -> AugmentConfig | None:
-  """Reads `config.augment.{crop_padding,flip,random_erasing}` if present.
-
-  Works with any attribute-style config (ml_collections is not imported: it is
-  missing on some accelerator machines). None when nothing is switched on.
-  """
-  augment = getattr(config, 'augment', None)
-  if augment is None:
-    return None
-  defaults = AugmentConfig()
-  aug = AugmentConfig(
-      crop_padding=int(getattr(augment, 'crop_padding', 0) or 0),
-      flip=bool(getattr(augment, 'flip', False)),
-      random_erasing=float(getattr(augment, 'random_erasing', 0.0) or 0.0),
-      erasing_area=tuple(getattr(augment, 'erasing_area',
-                                 defaults.erasing_area)),
-      erasing_aspect=tuple(getattr(augment, 'erasing_aspect',
-                                   defaults.erasing_aspect)),
-  )
+def augment_config_from(augment: Any) -> AugmentConfig | None:
+  """The `data.augment` section of a run's config as an AugmentConfig; None
+  when nothing is switched on."""
+  aug = AugmentConfig(crop_padding=int(augment.crop_padding),
+                      flip=bool(augment.flip),
+                      random_erasing=float(augment.random_erasing))
   return aug if aug.active else None
 
 

@@ -1,131 +1,113 @@
-"""A run from its config: checked names, data on the devices, the model, the
-schedule, the initial (or warm-started) state and the compiled steps.
+"""A run from its config: validated fields, data on the devices, the model,
+the durations in steps, the schedule, the initial (or warm-started) state and
+the compiled steps.
 
-Used by the training loop, evaluation and the benchmark, so that all three
-run exactly the same model, preprocessing and steps.
+Used by training, evaluation and the benchmark, so that all three run
+exactly the same model, preprocessing and steps.
 """
 
 import dataclasses
-import math
 import os
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 from absl import logging
 
-from resnet_jax import (checkpointing, convert, device_data, input_pipeline,
-                        models, optim, sharding, train_step)
-from resnet_jax.blocks import ImageNetStem
+from resnet_jax import (checkpointing, config as config_lib, convert, datasets,
+                        device_data, models, optim, sharding, train_step)
 from resnet_jax.errors import UserError
-
-MODES = ('train', 'eval')
 
 
 @dataclasses.dataclass
 class Run:
   """Everything derived from a config before the first step."""
-  config: Any
+  config: Any  # validated, model.num_classes resolved
   mesh: jax.sharding.Mesh
-  data: device_data.InMemoryData
+  data: device_data.Data
   model: models.ResNet
   image_size: int
-  steps_per_epoch: int
-  total_steps: int
-  schedule: Any
+  steps: config_lib.Steps
+  schedule: optax.Schedule
 
   @property
   def replicated(self):
     return sharding.replicated(self.mesh)
 
 
-def build(config: Any) -> Run:
-  """Checks the config, loads the data, builds the model and optimiser."""
-  if config.mode not in MODES:
-    raise UserError(f'unknown mode {config.mode!r}; choose one of: '
-                    f'{", ".join(MODES)}')
-  models.model_defaults(config.model)  # an unknown name: the registry's error
-  if config.optimizer not in optim.OPTIMIZERS:
-    raise UserError(f'unknown optimizer {config.optimizer!r}; choose one of: '
-                    f'{", ".join(optim.OPTIMIZERS)}')
-  if config.schedule not in optim.SCHEDULES:
-    raise UserError(f'unknown schedule {config.schedule!r}; choose one of: '
-                    f'{", ".join(optim.SCHEDULES)}')
+def resolve(config: Any) -> Any:
+  """A validated copy of `config` whose model section is complete (the
+  dataset's number of classes filled in): the value config.json records."""
+  config_lib.validate(config)
+  resolved = config.copy_and_resolve_references()
+  spec = datasets.get(resolved.data.dataset)
+  num_classes = resolved.model.num_classes
+  if num_classes is None:
+    resolved.model.num_classes = spec.num_classes
+  elif num_classes != spec.num_classes:
+    raise UserError(f'config field model.num_classes={num_classes} is '
+                    f'invalid: {spec.name} has {spec.num_classes} classes; '
+                    'leave it unset')
+  return resolved
+
+
+def build(config: Any, load_data: Callable[[Any, jax.sharding.Mesh],
+                                            device_data.Data] | None = None
+          ) -> Run:
+  """Checks the config, loads the data (`load_data`, default
+  `device_data.load`; the benchmark passes synthetic data), builds the
+  model, durations and schedule."""
+  config = resolve(config)
   mesh = sharding.make_mesh()
-  sharding.check_batch_size(config.batch_size)
-  sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
-  data = device_data.load(config, mesh, config.image_size)
-  model = model_from_config(config, data.info.num_classes)
-  image_size = config.image_size or data.info.image_shape[0]
-  check_image_size(model, image_size)
-  steps_per_epoch = input_pipeline.steps_per_epoch(data.info.num_train,
-                                                   config.batch_size)
-  total_steps = (config.num_train_steps if config.num_train_steps > 0 else
-                 int(math.ceil(config.num_epochs * steps_per_epoch)))
-  schedule = optim.create_schedule(config, total_steps, steps_per_epoch)
-  return Run(config, mesh, data, model, image_size, steps_per_epoch,
-             total_steps, schedule)
+  sharding.check_batch_size(config.data.batch_size, 'data.batch_size')
+  sharding.check_batch_size(config.data.eval_batch_size,
+                            'data.eval_batch_size')
+  data = (load_data or device_data.load)(config, mesh)
+  model = models.from_config(config.model)
+  image_size = datasets.image_size(data.spec, config.data.image_size)
+  models.check_image_size(model, image_size)
+  steps = config_lib.resolve_steps(config, data.num_train, logging.warning)
+  schedule = optim.create_schedule(config.optim, steps)
+  return Run(config, mesh, data, model, image_size, steps, schedule)
 
 
-def model_label(config: Any) -> str:
-  """The model's name with the config's structural overrides, for log lines
-  (the default config is cifar_resnet20 with one block per stage)."""
-  extras = [f'{key}={config.get(key)}' for key in ('width', 'stage_sizes')
-            if config.get(key)]
-  return config.model + (f' ({", ".join(extras)})' if extras else '')
-
-
-def model_from_config(config: Any, num_classes: int) -> models.ResNet:
-  """The model a config names, with its options (width, stage sizes, ...)."""
-  overrides = {}
-  if config.get('stage_sizes'):
-    overrides['stage_sizes'] = tuple(config.stage_sizes)
-  return models.create_model(
-      config.model, num_classes=num_classes, conv_impl=config.conv_impl,
-      width=config.width or None, zero_init_residual=config.zero_init_residual,
-      dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
-      **overrides)
-
-
-def check_image_size(model: models.ResNet, image_size: int) -> None:
-  """Each stride halves the map (rounding up, as the padding does), so any
-  size gives at least 1x1 at the end; a size is too small when the map is
-  already 1x1 before the last downsampling, where the remaining stages could
-  only see single pixels. The textbook ResNet-18 at 28x28 (maps 14, 7, 4, 2,
-  1) is fine; at 16 it is not."""
-  stem = 4 if model.stem_cls is ImageNetStem else 1
-  factor = stem * 2 ** (len(model.stage_sizes) - 1)
-  smallest = factor // 2 + 1
-  if image_size < smallest:
-    raise UserError(f'image_size={image_size} is too small for this model, '
-                    f'which downsamples by {factor}: its last stages would '
-                    'see only 1x1 maps; use --config.image_size of at least '
-                    f'{smallest}')
+def describe(run: Run) -> str:
+  """One line naming the network, the data and the run's length."""
+  m = run.config.model
+  extras = ', '.join(f'{k}={m[k]}' for k in ('width', 'stage_sizes')
+                     if m[k] is not None)
+  return (f'{m.name}{f" ({extras})" if extras else ""} on '
+          f'{run.data.spec.name} at {run.image_size}x{run.image_size}: '
+          f'{run.steps.total} steps ({run.steps.per_epoch} per epoch) of '
+          f'batch {run.config.data.batch_size} on {jax.device_count()} '
+          f'devices, evaluating on {run.data.eval_splits[0]}')
 
 
 def init_state(run: Run) -> train_step.TrainState:
   """Fresh parameters, optimizer state, step 0 and RNG, replicated."""
-  c = run.data.info.image_shape[-1]
-  shape = (1, run.image_size, run.image_size, c)
+  shape = (1, run.image_size, run.image_size, run.data.spec.channels)
 
   def init(rng):
     variables = jax.eval_shape(lambda: run.model.init(
         rng, jnp.zeros(shape, run.model.dtype), train=False))
-    tx = optim.create_optimizer(run.config, run.schedule, variables['params'])
+    tx = optim.create_optimizer(run.config.optim, run.schedule,
+                                variables['params'])
     return train_step.create_train_state(run.model, tx, rng, shape)
 
-  rng = jax.random.key(run.config.seed)
+  rng = jax.random.key(run.config.run.seed)
   return jax.jit(init, out_shardings=run.replicated)(rng)
 
 
 def warm_start(run: Run, state: train_step.TrainState) -> train_step.TrainState:
-  """params and batch_stats from `init_from` (DIR or DIR:STEP); a head of
+  """params and batch_stats from `run.init_from` (DIR or DIR:STEP); a head of
   another size is left freshly initialised, and an RGB stem is adapted to the
   data's channels. Optimizer state and step are the new run's."""
-  source, _, step = run.config.init_from.partition(':')
+  init_from = run.config.run.init_from
+  source, _, step = init_from.partition(':')
   if not os.path.isdir(os.path.join(source, checkpointing.CHECKPOINT_DIR)):
-    raise UserError(f'init_from={run.config.init_from!r}: no checkpoints under '
+    raise UserError(f'init_from={init_from!r}: no checkpoints under '
                     f'{source!r}; give a workdir of an earlier run or a '
                     'directory written by python -m resnet_jax.convert')
   variables, _ = checkpointing.Checkpointer(source, read_only=True,
@@ -138,7 +120,7 @@ def warm_start(run: Run, state: train_step.TrainState) -> train_step.TrainState:
       jax.tree.map(lambda x: tuple(x.shape), loaded),
       jax.tree.map(lambda x: tuple(x.shape), current))
   loaded = jax.device_put(loaded, run.replicated)
-  logging.info('initialised params and batch_stats from %s', run.config.init_from)
+  logging.info('initialised params and batch_stats from %s', init_from)
   return state.replace(params=loaded['params'],
                        batch_stats=loaded['batch_stats'])
 
@@ -172,15 +154,13 @@ def _adapt_input_channels(loaded: dict, current: dict) -> dict:
 
 
 def compile_steps(run: Run):
-  kwargs = dict(num_classes=run.data.info.num_classes)
-  dtype = run.model.dtype
+  """The jitted train and eval steps of the run."""
+  prep = device_data.make_preprocess(run.config, run.data.spec, run.image_size,
+                                     run.model.dtype)
   return train_step.jit_steps(
-      run.replicated, sharding.batch_sharded(run.mesh),
-      preprocess=device_data.make_preprocess(run.config, run.data.info,
-                                             run.image_size, dtype, True),
-      eval_preprocess=device_data.make_preprocess(run.config, run.data.info,
-                                                  run.image_size, dtype, False),
-      label_smoothing=run.config.label_smoothing, **kwargs)
+      run.replicated, sharding.batch_sharded(run.mesh), preprocess=prep.train,
+      eval_preprocess=prep.eval, num_classes=run.config.model.num_classes,
+      steps=run.steps, label_smoothing=run.config.optim.label_smoothing)
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -195,3 +175,29 @@ def prepare_workdir(workdir: str) -> None:
   except OSError as e:
     raise UserError(f'cannot write to workdir {workdir!r} ({e.strerror}); '
                     'choose a directory you can write to') from None
+
+
+# What a resumed run may not change: the network's parameters and what it
+# is fed (conv_impl and dtype only change how it computes).
+_IDENTITY = ('model.name', 'model.num_classes', 'model.width',
+             'model.stage_sizes', 'data.dataset', 'data.image_size')
+
+
+def check_same_run(config: Any, workdir: str) -> None:
+  """A workdir holds one run: resuming it with another network or dataset is
+  refused, naming the first field that differs."""
+  if not os.path.exists(os.path.join(workdir, config_lib.CONFIG_FILE)):
+    return
+  recorded = config_lib.read(workdir)
+  for path in _IDENTITY:
+    was, now = _get(recorded, path), _get(config, path)
+    if was != now:
+      raise UserError(
+          f'{workdir!r} holds a run with {path}={was!r}, but this command '
+          f'asks for {path}={now!r}; resume with the same config, or train '
+          'in a new workdir')
+
+
+def _get(config: Any, path: str) -> Any:
+  section, key = path.split('.')
+  return config[section][key]

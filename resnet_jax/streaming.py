@@ -1,5 +1,7 @@
 """tf.data streaming for datasets too large for memory (imagenet2012).
 
+Only reads datasets whose row in `datasets.py` says storage='stream'.
+
 Each process reads its own shard of the split, decodes and crops on the host
 (Inception-style random-resized-crop + flip for train, centre crop for eval)
 and yields uint8 batches; normalisation happens on the device with
@@ -11,68 +13,15 @@ Eval batches are padded to full size with a 'mask', and every process yields
 the same number of batches (multi-host collectives need that).
 """
 
-import os
 from typing import Iterator
 
 import jax
 import numpy as np
 
-from resnet_jax import input_pipeline as ip
+from resnet_jax import datasets, tfds_io
 from resnet_jax.errors import UserError
 
-# (train, eval) sizes for known streamed datasets, used when TFDS metadata is
-# not available (e.g. under tfds.testing.mock_data).
-_KNOWN_SIZES = {'imagenet2012': (1_281_167, 50_000)}
-# Eval: centre crop of image_size / (image_size + 32) of the shorter side, i.e.
-# resize-256 + centre-crop-224 at 224 (as the Flax ImageNet example).
-_EVAL_CROP_PADDING = 32
 _SHUFFLE_BUFFER = 16_384
-
-
-def is_streaming(name: str, data_dir: str | None = None) -> bool:
-  """Whether `name` is read through `streaming_dataset` (else in memory)."""
-  if name in ip.IN_MEMORY_DATASETS or os.path.exists(
-      os.path.join(ip.cache_dir(name, data_dir), 'info.json')):
-    return False
-  if name in ip.STREAMING_DATASETS:
-    return True
-  builder = ip.tfds_builder(name, data_dir)
-  keys = builder.info.supervised_keys
-  shape = tuple(builder.info.features[keys[0]].shape) if keys else ()
-  return None in shape
-
-
-def eval_split_name(builder) -> str:
-  """'validation' (imagenet2012's labelled eval split) unless only 'test'."""
-  splits = builder.info.splits
-  only_test = 'test' in splits and 'validation' not in splits
-  return 'test' if only_test else 'validation'
-
-
-def _split_size(builder, split: str) -> int | None:
-  try:
-    n = builder.info.splits[split].num_examples
-  except (KeyError, ValueError):
-    n = 0
-  if not n:
-    sizes = _KNOWN_SIZES.get(builder.name)
-    n = sizes and (sizes[0] if split == 'train' else sizes[1])
-  return n or None
-
-
-def streaming_info(name: str, *, data_dir: str | None = None) -> ip.DatasetInfo:
-  """DatasetInfo for a streamed dataset (image_shape (0, 0, 3): it varies)."""
-  builder = ip.tfds_builder(name, data_dir)
-  keys = builder.info.supervised_keys
-  if not keys or not hasattr(builder.info.features[keys[1]], 'num_classes'):
-    raise UserError(f'{name} is not an image-classification dataset')
-  label = builder.info.features[keys[1]]
-  return ip.DatasetInfo(
-      name=name, num_classes=int(label.num_classes),
-      class_names=tuple(label.names), image_shape=(0, 0, 3),
-      num_train=_split_size(builder, 'train') or 0,
-      num_eval=_split_size(builder, eval_split_name(builder)) or 0,
-      in_memory=False)
 
 
 def _fold(*numbers: int) -> int:
@@ -128,12 +77,12 @@ def _train_decode(tf, image_size: int):
   return fn
 
 
-def _eval_decode(tf, image_size: int):
-  """Centre crop of image_size/(image_size+32) of the shorter side."""
+def _eval_decode(tf, image_size: int, crop_padding: int):
+  """Centre crop of image_size/(image_size+crop_padding) of the shorter side."""
 
   def window(shape):
     h, w = shape[0], shape[1]
-    frac = image_size / (image_size + _EVAL_CROP_PADDING)
+    frac = image_size / (image_size + crop_padding)
     crop = tf.cast(frac * tf.cast(tf.minimum(h, w), tf.float32), tf.int32)
     return (h - crop + 1) // 2, (w - crop + 1) // 2, crop, crop
 
@@ -144,36 +93,37 @@ def _eval_decode(tf, image_size: int):
 
 
 def streaming_dataset(
-    name: str, split: str, *, batch_size_per_process: int, image_size: int,
-    train: bool, seed: int, data_dir: str | None = None,
+    spec: datasets.DatasetSpec, split: str, *, batch_size_per_process: int,
+    image_size: int, train: bool, seed: int, data_dir: str | None = None,
     manual_dir: str | None = None, epoch: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
-  """One epoch of uint8 batches for this process.
+  """One epoch of uint8 batches of `split` (our name) for this process.
 
   Yields {'image': uint8 (B, image_size, image_size, 3), 'label': int32 (B,)}
   and, for eval, 'mask': bool (B,) marking real examples (the last batch is
   padded; processes with fewer examples get extra all-False batches).
   Train drops the incomplete last batch.
   """
-  tf, tfds = ip.import_tfds()
-  with ip.TFDS_OPEN_LOCK:
-    builder = ip.tfds_builder(name, data_dir)
-    ip.ensure_prepared(builder, manual_dir, data_dir)
+  tf, tfds = tfds_io.import_tfds()
+  with tfds_io.OPEN_LOCK:
+    builder = tfds_io.builder(spec.name, data_dir)
+    tfds_io.ensure_prepared(builder, manual_dir)
   keys = builder.info.supervised_keys
   if not keys:
-    raise UserError(f'{name} has no (image, label) supervised keys')
+    raise UserError(f'{spec.name} has no (image, label) supervised keys')
   image_key, label_key = keys
   bs = batch_size_per_process
   index, count = jax.process_index(), jax.process_count()
   fold = _fold(seed, epoch, index)
+  tfds_split = spec.train_split if train else spec.eval_splits[split]
 
   options = tf.data.Options()
   options.deterministic = True
   read_config = tfds.ReadConfig(shuffle_seed=fold, options=options)
   # Train shards are equal (drop_remainder) so every process runs the same
   # number of steps; eval keeps every example and pads instead.
-  process_split = tfds.split_for_jax_process(split, drop_remainder=train)
-  with ip.TFDS_OPEN_LOCK:
+  process_split = tfds.split_for_jax_process(tfds_split, drop_remainder=train)
+  with tfds_io.OPEN_LOCK:
     ds = builder.as_dataset(
         split=process_split, shuffle_files=train, read_config=read_config,
         decoders={image_key: tfds.decode.SkipDecoding()})
@@ -189,14 +139,14 @@ def streaming_dataset(
         num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(bs, drop_remainder=True)
   else:
-    decode = _eval_decode(tf, image_size)
+    decode = _eval_decode(tf, image_size, spec.eval_crop_padding or 0)
     ds = ds.map(lambda image, label: {
         'image': decode(image), 'label': label,
         'mask': tf.constant(True)}, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(bs).map(lambda b: _pad_to(tf, b, bs))
-    total = _split_size(builder, split) if count > 1 else None
-    if total:
-      batches = eval_batches_per_process(total, count, bs)
+    if count > 1:
+      batches = eval_batches_per_process(
+          split_size(builder, spec, split), count, bs)
       filler = {'image': tf.zeros((bs, image_size, image_size, 3), tf.uint8),
                 'label': tf.zeros((bs,), tf.int32),
                 'mask': tf.zeros((bs,), tf.bool)}
@@ -204,6 +154,17 @@ def streaming_dataset(
           tf.data.Dataset.from_tensors(filler).repeat()).take(batches)
   ds = ds.with_options(options).prefetch(tf.data.AUTOTUNE)
   return iter(tfds.as_numpy(ds))
+
+
+def split_size(builder, spec: datasets.DatasetSpec, split: str) -> int:
+  """Examples of `split` (our name) as prepared, else as the table says
+  (TFDS's mock data has no split metadata)."""
+  tfds_split = spec.train_split if split == 'train' else spec.eval_splits[split]
+  try:
+    n = builder.info.splits[tfds_split].num_examples
+  except (KeyError, ValueError):
+    n = 0
+  return n or (spec.num_train if split == 'train' else spec.eval_sizes[split])
 
 
 def eval_batches_per_process(total: int, process_count: int, bs: int) -> int:

@@ -1,36 +1,29 @@
 """Model summary: layer output shapes, parameter count, FLOPs per example.
 
-    python -m resnet_jax.summary --model d2l_resnet18 --input_shape 1,224,224,1 \
-        --num_classes 10 [--table]
+    python -m resnet_jax.summary --config=configs/d2l_fashion_mnist.py \
+        [--config.data.image_size=224] [--table]
+    python -m resnet_jax.summary --workdir=DIR   # the network a run trained
 
-The shapes are those the model sows (stem conv, stem pool, each stage, the
-pooled features) plus the logits, the textbook's listing. FLOPs come from
-XLA's cost analysis of the compiled forward pass (not counted by hand);
-`--table` adds Flax's per-module table (`nn.tabulate`).
+The network is the config's `model` section (or a workdir's config.json),
+and the input one image of the run's data (image_size, the dataset's
+channels). The shapes are those the model sows (stem conv, stem pool, each
+stage, the pooled features) plus the logits, the textbook's listing. FLOPs
+come from XLA's cost analysis of the compiled forward pass (not counted by
+hand); `--table` adds Flax's per-module table (`nn.tabulate`).
 """
 
-import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 
-from resnet_jax import models
-from resnet_jax.errors import UserError
-
-_MODEL = flags.DEFINE_string('model', 'd2l_resnet18', 'A registered model.')
-_INPUT_SHAPE = flags.DEFINE_string('input_shape', '1,224,224,1',
-                                   'N,H,W,C of the input.')
-_NUM_CLASSES = flags.DEFINE_integer('num_classes', None,
-                                    'Logits size (the model default if unset).')
-_TABLE = flags.DEFINE_boolean('table', False, "Print Flax's per-module table.")
+from resnet_jax import cli, config as config_lib, datasets, models, run_setup
 
 
-def summarize(name: str, input_shape: tuple[int, ...],
-              num_classes: int | None = None) -> dict[str, Any]:
+def summarize(model: models.ResNet, input_shape: tuple[int, ...]
+              ) -> dict[str, Any]:
   """Shapes of the named features, parameter count and forward FLOPs."""
-  model = models.create_model(name, num_classes=num_classes)
   x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
   variables = jax.eval_shape(
       lambda x: model.init(jax.random.key(0), x, train=False), x)
@@ -49,8 +42,15 @@ def summarize(name: str, input_shape: tuple[int, ...],
       'batch_stats': sum(p.size for p in
                          jax.tree.leaves(variables.get('batch_stats', {}))),
       'flops_per_example': float(cost.get('flops', 0.0)) / input_shape[0],
-      'model': model,
   }
+
+
+def model_and_input(config: Any) -> tuple[models.ResNet, tuple[int, ...]]:
+  """The config's network and the shape of one of its input images."""
+  config = run_setup.resolve(config)
+  spec = datasets.get(config.data.dataset)
+  size = datasets.image_size(spec, config.data.image_size)
+  return models.from_config(config.model), (1, size, size, spec.channels)
 
 
 def _network_order(key: str) -> tuple[int, str]:
@@ -72,33 +72,34 @@ def _in_order(tree: Any, prefix: str):
       yield from _in_order(value, f'{name}/')
 
 
-def main(argv: list[str]) -> None:
+def _define_flags():
+  """Only when run as a command: importing the module defines no flags."""
+  config = cli.define_config_flag()
+  flags.DEFINE_string('workdir', None, "Summarise this workdir's network (its "
+                      'config.json) instead of --config.')
+  flags.DEFINE_boolean('table', False, "Print Flax's per-module table.")
+  return config
+
+
+def main(argv: list[str], config_flag) -> None:
   del argv
-  try:
-    shape = tuple(int(d) for d in _INPUT_SHAPE.value.split(','))
-    if len(shape) != 4:
-      raise ValueError
-  except ValueError:
-    print(f'error: --input_shape={_INPUT_SHAPE.value!r} must be N,H,W,C, e.g. '
-          '1,224,224,3', file=sys.stderr)
-    sys.exit(2)
-  try:
-    s = summarize(_MODEL.value, shape, _NUM_CLASSES.value)
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  print(f'{_MODEL.value}, input {shape}')
+  workdir = flags.FLAGS.workdir
+  config = (config_lib.read(workdir) if workdir else
+            cli.config_value(config_flag))
+  model, shape = model_and_input(config)
+  s = summarize(model, shape)
+  print(f'{config.model.name}, input {shape}')
   for label, out in s['layers']:
     print(f'  {label:<24} output shape: {out}')
   print(f'parameters: {s["params"]:,} (+ {s["batch_stats"]:,} BatchNorm '
         'statistics)')
   print(f'forward FLOPs per example: {s["flops_per_example"] / 1e9:.3f} G '
         "(XLA's cost analysis)")
-  if _TABLE.value:
-    x = jnp.zeros(shape)
-    print(s['model'].tabulate(jax.random.key(0), x, train=False, depth=2,
-                              console_kwargs={'width': 120}))
+  if flags.FLAGS.table:
+    print(model.tabulate(jax.random.key(0), jnp.zeros(shape), train=False,
+                         depth=2, console_kwargs={'width': 120}))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  _CONFIG = _define_flags()
+  cli.run(lambda argv: main(argv, _CONFIG))

@@ -1,12 +1,12 @@
-"""train_and_evaluate(config, workdir): the main job of resnet_jax.
+"""train_and_evaluate(config, workdir): the main job of resnet_jax, and
+evaluate_checkpoint for a workdir's checkpoints.
 
 Data flows one way: config -> run (data, model, steps) -> state -> metrics
-and checkpoints. Step metrics stay on the device and are fetched every
-`log_every_steps`, before each checkpoint and at the end of each epoch; a
-non-finite loss or gradient found there stops the run before anything is
-saved, so the last checkpoint stays good. Resuming restores the state and
-the position in the data (the order is a pure function of seed and epoch)
-and rewrites the metrics log from the checkpoint's step on, identically.
+and checkpoints. The loop is one block per periodic action, each asking the
+run's `Steps` whether it is time. The train step keeps the running sums of
+its metrics in the state; the loop reads them for each record (checking
+that they are finite, so that nothing after a NaN is ever saved) and a
+resumed run continues them, and the data order, exactly from the checkpoint.
 """
 
 import math
@@ -15,11 +15,12 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-import numpy as np
 
-from resnet_jax import checkpointing, metric_writers, run_setup
+from resnet_jax import checkpointing, config as config_lib, metric_writers
+from resnet_jax import run_setup
 from resnet_jax.errors import UserError
 
 
@@ -34,23 +35,6 @@ class Preempted(Exception):
     super().__init__(f'stopped by signal {signum} at step {step}')
     self.step = step
     self.exit_code = 0 if signum == signal.SIGTERM else 128 + signum
-
-class _Sums:
-  """Host-side running sums of step metrics, added in step order."""
-
-  def __init__(self, values: dict[str, float] | None = None):
-    self.values = dict(values or {'loss_sum': 0.0, 'correct': 0.0,
-                                  'count': 0.0})
-
-  def add(self, m: dict[str, Any]) -> None:
-    for k in self.values:
-      self.values[k] += float(m[k])
-
-  def loss(self) -> float:
-    return self.values['loss_sum'] / max(self.values['count'], 1.0)
-
-  def accuracy(self) -> float:
-    return self.values['correct'] / max(self.values['count'], 1.0)
 
 
 class _StopSignal:
@@ -88,164 +72,183 @@ class _StopSignal:
       signal.signal(sig, handler)
 
 
-def evaluate(run: run_setup.Run, eval_fn, state) -> dict[str, float]:
-  """Loss and accuracy over every eval example exactly once."""
-  sums = _Sums()
-  metrics = [eval_fn(state, b)
-             for b in run.data.eval_batches(run.config.eval_batch_size)]
+def evaluate(run: run_setup.Run, eval_fn, state, split: str
+             ) -> dict[str, float]:
+  """Loss and accuracy over every example of the named split exactly once,
+  under the split's name (`test_accuracy`, `val_loss`, ...)."""
+  sums = {'loss_sum': 0.0, 'correct': 0.0, 'count': 0.0}
+  metrics = [eval_fn(state, b) for b in run.data.eval_batches(split)]
   for m in jax.device_get(metrics):
-    sums.add(m)
-  return {'test_loss': sums.loss(), 'test_accuracy': sums.accuracy(),
-          'test_count': int(sums.values['count'])}
+    for k in sums:
+      sums[k] += float(m[k])
+  count = max(sums['count'], 1.0)
+  return {f'{split}_loss': sums['loss_sum'] / count,
+          f'{split}_accuracy': sums['correct'] / count,
+          f'{split}_count': int(sums['count'])}
 
 
-def _fetch(pending: list[tuple[int, Any]], sums: list[_Sums]) -> None:
-  """Moves per-step metrics to the host, checking each step is finite."""
-  for step, m in zip([s for s, _ in pending],
-                     jax.device_get([m for _, m in pending])):
-    if not (math.isfinite(float(m['loss_sum'])) and
-            math.isfinite(float(m['grad_norm']))):
-      raise NonFiniteError(
-          f'non-finite loss or gradient at step {step} (loss_sum '
-          f'{float(m["loss_sum"])}, grad_norm {float(m["grad_norm"])}); '
-          'nothing after the last checkpoint was saved: lower the learning '
-          'rate or enable --config.grad_clip_norm')
-    for s in sums:
-      s.add(m)
-  pending.clear()
+def _train_sums(state, name: str, first: int, last: int) -> dict[str, float]:
+  """The state's running sums `name` ('window' or 'epoch') as means; raises
+  when the steps first..last made the loss or gradient non-finite."""
+  s = {k: float(v) for k, v in jax.device_get(state.metric_sums[name]).items()}
+  if not (math.isfinite(s['loss_sum']) and math.isfinite(s['grad_norm_sum'])):
+    raise NonFiniteError(
+        f'non-finite loss or gradient in steps {first}-{last} (loss sum '
+        f'{s["loss_sum"]}, gradient norm sum {s["grad_norm_sum"]}); nothing '
+        'after the last checkpoint was saved: lower --config.optim.'
+        'learning_rate or set --config.optim.grad_clip_norm')
+  count = max(s['count'], 1.0)
+  return {'loss': s['loss_sum'] / count, 'accuracy': s['correct'] / count,
+          'count': s['count'], 'grad_norm_sum': s['grad_norm_sum']}
+
+
+class _Rate:
+  """Examples per second since the last `restart`."""
+
+  def __init__(self, step: int, batch_size: int):
+    self.batch_size = batch_size
+    self.restart(step)
+
+  def restart(self, step: int) -> None:
+    self.step, self.time = step, time.perf_counter()
+
+  def __call__(self, step: int) -> float:
+    return ((step - self.step) * self.batch_size /
+            max(time.perf_counter() - self.time, 1e-9))
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) in `workdir`; returns the final test metrics."""
+  """Trains (or resumes) in `workdir`; returns the last evaluation's metrics."""
   run_setup.prepare_workdir(workdir)
   run = run_setup.build(config)
+  run_setup.check_same_run(run.config, workdir)
+  c, steps = run.config, run.steps
   lead = jax.process_index() == 0
   if lead:
-    checkpointing.write_config(workdir, config.to_dict())
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+    config_lib.write(workdir, c)
+  split = run.data.eval_splits[0]  # evaluated each time; selects the best
+  ckpt = checkpointing.Checkpointer(workdir, keep=c.run.keep_checkpoints,
+                                    best_metric=f'{split}_accuracy')
   state = run_setup.init_state(run)
-  window, epoch_sums = _Sums(), _Sums()
+  final: dict[str, float] = {}
   if ckpt.all_steps():
     state, meta = ckpt.restore(state, run.replicated)
-    window, epoch_sums = _Sums(meta['window']), _Sums(meta['epoch_sums'])
+    final = meta.get('metrics') or {}
     logging.info('resumed from step %d in %s', meta['step'], ckpt.directory)
-  elif config.init_from:
+  elif c.run.init_from:
     state = run_setup.warm_start(run, state)
+  step = saved = int(jax.device_get(state.step))
+  if step >= steps.total:
+    ckpt.close()
+    logging.info('the run in %s already ended at step %d', workdir, step)
+    return final
   train_fn, eval_fn = run_setup.compile_steps(run)
   writer = metric_writers.MetricWriter(workdir, enabled=lead)
-  step = int(jax.device_get(state.step))
   writer.truncate_after(step)
-  spe = run.steps_per_epoch
-  progress = metric_writers.Progress(config.progress_bar)
+  logging.info(run_setup.describe(run))
+  progress = metric_writers.Progress(c.run.progress_bar)
   stop = _StopSignal()
-  saved_step, final = -1, {}
+  window_rate = _Rate(step, c.data.batch_size)
+  epoch_rate = _Rate(step, c.data.batch_size)
+  checked = step  # the train sums of steps up to here were finite
 
   def save(metrics=None):
-    nonlocal saved_step
-    if saved_step != step:
-      epoch, offset = divmod(step, spe)
-      ckpt.save(state, {'epoch': epoch, 'offset': offset,
-                        'window': window.values,
-                        'epoch_sums': epoch_sums.values,
-                        'config': config.to_dict()}, metrics)
-      saved_step = step
+    nonlocal saved, checked
+    _train_sums(state, 'window', checked + 1, step)  # never save a NaN
+    checked = step
+    if saved != step:
+      ckpt.save(state, metrics)
+      saved = step
 
-  logging.info('%s: %d steps (%d per epoch) of batch %d on %d devices, '
-               'image size %d', run_setup.model_label(config), run.total_steps,
-               spe, config.batch_size, jax.device_count(), run.image_size)
-  pending: list[tuple[int, Any]] = []
-  t_window = t_epoch = time.perf_counter()
-  window_start = step
   try:
-    batches = run.data.train_batches(step, config.batch_size, config.seed)
-    while step < run.total_steps:
-      state, metrics = train_fn(state, next(batches))
+    batches = run.data.train_batches(step)
+    while step < steps.total:
+      state = train_fn(state, next(batches))
       step += 1
-      pending.append((step, metrics))
-      end_of_epoch = step % spe == 0 or step == run.total_steps
-      if step % config.log_every_steps == 0 or end_of_epoch:
-        _fetch(pending, [window, epoch_sums])
-        now = time.perf_counter()
-        rate = (step - window_start) * config.batch_size / (now - t_window)
-        writer.write({'step': step, 'loss': window.loss(),
-                      'accuracy': window.accuracy(),
+      evaluated = None
+
+      if steps.is_log(step):
+        w = _train_sums(state, 'window', checked + 1, step)
+        checked = step
+        rate = window_rate(step)
+        writer.write({'step': step, 'loss': w['loss'],
+                      'accuracy': w['accuracy'],
+                      'grad_norm': w['grad_norm_sum'] * c.data.batch_size
+                                   / max(w['count'], 1.0),
                       'learning_rate': float(run.schedule(step - 1)),
                       'images_per_sec': rate})
-        progress.update(math.ceil(step / spe), (step - 1) % spe + 1, spe,
-                        window.loss(), rate)
-        window, t_window, window_start = _Sums(), now, step
-      if end_of_epoch and (math.ceil(step / spe) % config.eval_every_epochs == 0
-                           or step == run.total_steps):
-        _fetch(pending, [window, epoch_sums])
-        seconds = time.perf_counter() - t_epoch
-        steps_done = (step - 1) % spe + 1
-        final = evaluate(run, eval_fn, state)
-        record = {'step': step, 'epoch': step / spe,
-                  'train_loss': epoch_sums.loss(),
-                  'train_accuracy': epoch_sums.accuracy(),
-                  'examples_per_sec': steps_done * config.batch_size / seconds,
-                  **final}
+        progress.update(math.ceil(steps.epoch(step)),
+                        (step - 1) % steps.per_epoch + 1, steps.per_epoch,
+                        w['loss'], rate)
+        window_rate.restart(step)
+
+      if steps.is_eval(step):
+        epoch = _train_sums(state, 'epoch', checked + 1, step)
+        record = {'step': step, 'epoch': steps.epoch(step),
+                  'train_loss': epoch['loss'],
+                  'train_accuracy': epoch['accuracy'],
+                  'examples_per_sec': epoch_rate(step)}
+        evaluated = evaluate(run, eval_fn, state, split)
+        final = evaluated
+        record.update(evaluated)
         progress.end_line()
-        _epoch_line(record, lead, config.validation_examples > 0)
+        if lead:
+          print(epoch_line(record, split), flush=True)
         writer.write(record)
-        epoch_sums = _Sums()
-        save({'test_accuracy': final['test_accuracy']})
-        t_epoch = t_window = time.perf_counter()
-      elif end_of_epoch:
-        epoch_sums, t_epoch = _Sums(), time.perf_counter()
-      if step % config.checkpoint_every_steps == 0:
-        _fetch(pending, [window, epoch_sums])
-        save()
-      if stop.agreed(step, config.log_every_steps):
-        _fetch(pending, [window, epoch_sums])
+        window_rate.restart(step)
+
+      if steps.is_checkpoint(step):
+        save(evaluated)
+
+      if steps.is_epoch_start(step):
+        epoch_rate.restart(step)
+
+      if stop.agreed(step, c.run.log_every_steps):
         save()
         ckpt.wait()
         raise Preempted(step, stop.signum)
-    _fetch(pending, [window, epoch_sums])
     save()
   finally:
     stop.restore()
     ckpt.close()
     writer.close()
   if lead:
-    path = metric_writers.plot_curves(
-        workdir, 'val' if config.validation_examples > 0 else 'test')
+    path = metric_writers.plot_curves(workdir)
     if path:
       logging.info('learning curves: %s', path)
   return final
 
 
-def _epoch_line(record: dict[str, float], lead: bool,
-                on_validation: bool) -> None:
-  """The textbook's line, on stdout where the researcher is looking.
-
-  With `validation_examples` > 0 the evaluation (still logged under the
-  test_* keys) is on the held-out validation split, and the line says so."""
-  if lead:
-    split = 'val' if on_validation else 'test'
-    epoch = record['epoch']
-    # Whole epochs as the textbook prints them; a run cut mid-epoch by
-    # num_train_steps ends at a fraction.
-    epoch_text = f'{epoch:.0f}' if epoch == int(epoch) else f'{epoch:.2f}'
-    print(f'epoch {epoch_text}: loss {record["train_loss"]:.3f}, '
-          f'train acc {record["train_accuracy"]:.3f}, {split} acc '
-          f'{record["test_accuracy"]:.3f}, '
-          f'{record["examples_per_sec"]:.1f} examples/sec', flush=True)
+def epoch_line(record: dict[str, float], split: str) -> str:
+  """The textbook's line, naming the split it evaluated ('test acc', 'val
+  acc'); a run cut mid-epoch ends at a fractional epoch."""
+  epoch = record['epoch']
+  epoch_text = f'{epoch:.0f}' if epoch == int(epoch) else f'{epoch:.2f}'
+  return (f'epoch {epoch_text}: loss {record["train_loss"]:.3f}, train acc '
+          f'{record["train_accuracy"]:.3f}, {split} acc '
+          f'{record[f"{split}_accuracy"]:.3f}, '
+          f'{record["examples_per_sec"]:.1f} examples/sec')
 
 
 def evaluate_checkpoint(config: Any, workdir: str) -> dict[str, float]:
-  """Test loss and accuracy of the latest (or `config.eval_step`) checkpoint."""
+  """Every evaluation split's loss and accuracy for the latest (or
+  `run.eval_step`) checkpoint of `workdir`."""
   run = run_setup.build(config)
+  run_setup.check_same_run(run.config, workdir)
   ckpt = checkpointing.Checkpointer(workdir, read_only=True, async_save=False)
-  state = run_setup.init_state(run)
-  step = config.eval_step if config.eval_step >= 0 else None
-  state, meta = ckpt.restore(state, run.replicated, step=step)
+  try:
+    state, meta = ckpt.restore(run_setup.init_state(run), run.replicated,
+                               step=run.config.run.eval_step)
+  finally:
+    ckpt.close()
   _, eval_fn = run_setup.compile_steps(run)
-  result = evaluate(run, eval_fn, state)
-  result['step'] = int(meta['step'])
-  if jax.process_index() == 0:
-    print(f'step {result["step"]}: test loss {result["test_loss"]:.4f}, test '
-          f'acc {result["test_accuracy"]:.4f} over {result["test_count"]} '
-          'examples', flush=True)
-  ckpt.close()
+  result = {'step': int(meta['step'])}
+  for split in run.data.eval_splits:
+    metrics = evaluate(run, eval_fn, state, split)
+    result.update(metrics)
+    if jax.process_index() == 0:
+      print(f'step {result["step"]}: {split} loss '
+            f'{metrics[f"{split}_loss"]:.4f}, {split} acc '
+            f'{metrics[f"{split}_accuracy"]:.4f} over '
+            f'{metrics[f"{split}_count"]} examples', flush=True)
   return result

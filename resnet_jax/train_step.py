@@ -3,8 +3,14 @@
 A batch is `{'image': uint8 NHWC, 'label': int32}` (plus `'mask'` for
 evaluation, 1 for real examples and 0 for padding). Preprocessing (resize,
 normalise, augment) runs inside the step, on the device. Metrics are sums
-(loss_sum, correct, count) so that steps and devices add up exactly and a
-padded final eval batch counts each real example once.
+(loss_sum, correct, count, ...) so that steps and devices add up exactly and
+a padded final eval batch counts each real example once.
+
+The train step adds its metrics into running sums kept in the state, one
+since the last metrics record ('window') and one since the epoch began
+('epoch'), each reset by the step that follows a record or starts an epoch
+(`config.Steps`). So the loop only reads them, and a resumed run continues
+its sums exactly from the checkpoint.
 """
 
 import functools
@@ -16,19 +22,33 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from resnet_jax.config import Steps
+
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 Preprocess = Callable[[jax.Array, jax.Array | None], jax.Array]
 
 
+SUM_KEYS = ('loss_sum', 'correct', 'count', 'grad_norm_sum')
+
+
+def zero_sums() -> dict[str, dict[str, jax.Array]]:
+  """Fresh zeros for each sum (distinct buffers: the state is donated)."""
+  return {name: {k: jnp.zeros((), jnp.int32 if k in ('correct', 'count') else
+                              jnp.float32) for k in SUM_KEYS}
+          for name in ('window', 'epoch')}
+
+
 class TrainState(train_state.TrainState):
-  """Params, optimizer state and step (Flax's), plus BN statistics and RNG.
+  """Params, optimizer state and step (Flax's), plus BN statistics, RNG and
+  the running sums of the training metrics.
 
   `rng` is raw key data (uint32) so that checkpoints hold a plain array; the
   key of step t is fold_in(rng, t), so it never needs to be updated.
   """
   batch_stats: Any = None
   rng: jax.Array | None = None
+  metric_sums: Any = None
 
 
 def create_train_state(model: flax.linen.Module, tx: optax.GradientTransformation,
@@ -36,9 +56,9 @@ def create_train_state(model: flax.linen.Module, tx: optax.GradientTransformatio
   """Initialises the variables for inputs of `input_shape` (NHWC, batch 1)."""
   init_rng, step_rng = jax.random.split(rng)
   # Parameters are drawn with the 'rbg' generator: XLA compiles a ResNet's
-  # init with threefry about 4x slower (10.5 s against 2.3 s for ResNet-20
-  # on 2 CPU cores). The step key (augmentation) stays threefry, whose
-  # values do not depend on how the batch is sharded.
+  # init with threefry several times slower on a CPU. The step key
+  # (augmentation) stays threefry, whose values do not depend on how the
+  # batch is sharded.
   init_key = jax.random.key(
       jax.random.randint(init_rng, (), 0, jnp.iinfo(jnp.int32).max),
       impl='rbg')
@@ -46,7 +66,8 @@ def create_train_state(model: flax.linen.Module, tx: optax.GradientTransformatio
                          train=False)
   return TrainState.create(apply_fn=model.apply, params=variables['params'],
                            batch_stats=variables.get('batch_stats', {}), tx=tx,
-                           rng=jax.random.key_data(step_rng))
+                           rng=jax.random.key_data(step_rng),
+                           metric_sums=zero_sums())
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
@@ -58,8 +79,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
 
 
 def train_step(state: TrainState, batch: Batch, *, preprocess: Preprocess,
-               num_classes: int, label_smoothing: float = 0.0
-               ) -> tuple[TrainState, Metrics]:
+               num_classes: int, steps: Steps, label_smoothing: float = 0.0
+               ) -> TrainState:
   """One SGD step on the (global, possibly sharded) batch."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   images = preprocess(batch['image'], key)
@@ -74,15 +95,21 @@ def train_step(state: TrainState, batch: Batch, *, preprocess: Preprocess,
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
-  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   count = labels.shape[0]
   metrics = {
       'loss_sum': loss * count,
-      'correct': jnp.sum(jnp.argmax(logits, -1) == labels),
+      'correct': jnp.sum(jnp.argmax(logits, -1) == labels, dtype=jnp.int32),
       'count': jnp.asarray(count, jnp.int32),
-      'grad_norm': optax.tree.norm(grads),
+      'grad_norm_sum': optax.tree.norm(grads),
   }
-  return new_state, metrics
+  # The sums restart after a metrics record and at the start of an epoch.
+  restart = {'window': steps.is_log(state.step),
+             'epoch': steps.is_epoch_start(state.step)}
+  sums = {name: {k: jnp.where(restart[name], 0, v) + metrics[k]
+                 for k, v in state.metric_sums[name].items()}
+          for name in restart}
+  return state.apply_gradients(grads=grads, batch_stats=batch_stats,
+                               metric_sums=sums)
 
 
 def eval_step(state: TrainState, batch: Batch, *, preprocess: Preprocess,
@@ -101,19 +128,18 @@ def eval_step(state: TrainState, batch: Batch, *, preprocess: Preprocess,
 
 def jit_steps(replicated: jax.sharding.Sharding,
               batch_sharded: jax.sharding.Sharding, *, preprocess: Preprocess,
-              eval_preprocess: Preprocess, num_classes: int,
+              eval_preprocess: Preprocess, num_classes: int, steps: Steps,
               label_smoothing: float = 0.0):
   """The train step (state donated) and the eval step, compiled for the mesh:
   state and metrics replicated, batches split along the data axis."""
   train = jax.jit(
       functools.partial(train_step, preprocess=preprocess,
-                        num_classes=num_classes,
+                        num_classes=num_classes, steps=steps,
                         label_smoothing=label_smoothing),
-      in_shardings=(replicated, batch_sharded),
-      out_shardings=(replicated, replicated), donate_argnums=0)
+      in_shardings=(replicated, batch_sharded), out_shardings=replicated,
+      donate_argnums=0)
   evaluate = jax.jit(
       functools.partial(eval_step, preprocess=eval_preprocess,
                         num_classes=num_classes),
       in_shardings=(replicated, batch_sharded), out_shardings=replicated)
   return train, evaluate
-

@@ -10,6 +10,20 @@ import tempfile
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       tempfile.mkdtemp(prefix='resnet_jax_xla_cache_'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+# The tests' programs are tiny and compiled once each: LLVM's optimisation
+# passes would cost more time than they save (a quarter of the suite's CPU
+# time). Same arithmetic, only less optimised machine code; subprocesses the
+# tests start inherit it (test_training._env).
+FAST_COMPILE = '--xla_backend_optimization_level=0'
+os.environ['XLA_FLAGS'] = f"{FAST_COMPILE} {os.environ.get('XLA_FLAGS', '')}".strip()
+
+# torchvision (the conversion tests, its ImageNet class names) must be
+# imported before TensorFlow has started tf.data threads (the streaming
+# tests): imported after them, it crashes the process in this environment.
+try:
+  import torchvision.models  # noqa: E402,F401  pylint: disable=unused-import
+except ImportError:
+  pass
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -19,7 +33,7 @@ jax.config.update('jax_compilation_cache_dir',
                   os.environ['JAX_COMPILATION_CACHE_DIR'])
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 
-from resnet_jax import input_pipeline  # noqa: E402
+from resnet_jax import datasets, input_pipeline  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FASHION_MNIST_FILES = ROOT.parent / 'shared' / 'data' / 'fashion_mnist'
@@ -38,13 +52,12 @@ def write_fake_dataset(data_dir: str, name: str, shape=(28, 28, 1),
     images = np.clip(patterns[labels] + noise, 0, 255).astype(np.uint8)
     return input_pipeline.ArrayDataset(images, labels)
 
-  meta = {'version': input_pipeline._CACHE_VERSION, 'name': name,  # pylint: disable=protected-access
-          'tfds_version': 'fake', 'num_classes': num_classes,
+  meta = {'name': name, 'tfds_version': 'fake', 'num_classes': num_classes,
           'class_names': [f'class_{i}' for i in range(num_classes)],
           'image_shape': list(shape)}
-  input_pipeline._write_cache(  # pylint: disable=protected-access
-      input_pipeline.cache_dir(name, data_dir), meta, split(num_train),
-      split(num_test))
+  input_pipeline.write_cache(
+      input_pipeline.cache_dir(name, data_dir), meta,
+      {'train': split(num_train), 'test': split(num_test)})
 
 
 @pytest.fixture(scope='session')
@@ -65,6 +78,7 @@ def fashion_mnist_data_dir(tmp_path_factory) -> str:
   data_dir = os.environ.get('RESNET_JAX_TEST_DATA_DIR') or str(
       tmp_path_factory.mktemp('tfds'))
   # Reads the cache when it is there, else prepares it with TFDS (~30 s).
-  input_pipeline.load_in_memory('fashion_mnist', data_dir=data_dir,
+  input_pipeline.load_in_memory(datasets.get('fashion_mnist'),
+                                data_dir=data_dir,
                                 manual_dir=str(FASHION_MNIST_FILES))
   return data_dir

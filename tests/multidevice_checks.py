@@ -11,8 +11,9 @@ import os
 import sys
 
 if __name__ == '__main__':
-  os.environ.setdefault('XLA_FLAGS',
-                        '--xla_force_host_platform_device_count=8')
+  if 'device_count' not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                               ' --xla_force_host_platform_device_count=8')
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
       __file__))))
 
@@ -23,8 +24,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
-from configs import default  # noqa: E402
+from resnet_jax import config as config_lib  # noqa: E402
 from resnet_jax import models, optim, preprocess, sharding, train_step  # noqa: E402
+
+_STEPS = config_lib.Steps(total=100, per_epoch=10, warmup=0, log_every=10,
+                          eval_every=10, checkpoint_every=10)
 
 
 def _one_step(mesh: Mesh, state, batch):
@@ -35,24 +39,24 @@ def _one_step(mesh: Mesh, state, batch):
                                                         flip=True))
   train_fn, _ = train_step.jit_steps(
       sharding.replicated(mesh), sharding.batch_sharded(mesh),
-      preprocess=prep, eval_preprocess=prep, num_classes=10)
+      preprocess=prep, eval_preprocess=prep, num_classes=10, steps=_STEPS)
   state = jax.device_put(state, sharding.replicated(mesh))
   batch = jax.device_put(batch, sharding.batch_sharded(mesh))
-  new_state, metrics = train_fn(state, batch)
-  return jax.device_get((new_state.params, new_state.batch_stats, metrics,
+  new_state = train_fn(state, batch)
+  return jax.device_get((new_state.params, new_state.batch_stats,
+                         new_state.metric_sums['window'],
                          new_state.opt_state))
 
 
 def sharded_step() -> dict:
   """The same step on 8 devices and on 1: loss, params, BN statistics."""
   assert jax.device_count() == 8, jax.devices()
-  config = default.get_config()
-  config.warmup_epochs = 0.0
+  config = config_lib.base_config()
   model = models.create_model('cifar_resnet20', num_classes=10, width=4)
-  schedule = optim.create_schedule(config, 100, 10)
+  schedule = optim.create_schedule(config.optim, _STEPS)
   shape = (1, 16, 16, 3)
   variables = model.init(jax.random.key(0), jnp.zeros(shape), train=False)
-  tx = optim.create_optimizer(config, schedule, variables['params'])
+  tx = optim.create_optimizer(config.optim, schedule, variables['params'])
   rng = np.random.default_rng(0)
   batch = {'image': rng.integers(0, 256, (32, 16, 16, 3)).astype(np.uint8),
            'label': rng.integers(0, 10, 32).astype(np.int32)}
@@ -70,7 +74,8 @@ def sharded_step() -> dict:
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
   return {'loss': [float(m1['loss_sum']), float(m8['loss_sum'])],
-          'grad_norm': [float(m1['grad_norm']), float(m8['grad_norm'])],
+          'grad_norm': [float(m1['grad_norm_sum']),
+                        float(m8['grad_norm_sum'])],
           'correct': [int(m1['correct']), int(m8['correct'])],
           'params_max_rel': max_rel(p1, p8),
           'update_max_abs': max(float(np.max(np.abs(x - y))) for x, y in zip(
@@ -84,12 +89,9 @@ def sharded_step() -> dict:
 def restore_and_compare(workdir: str) -> dict:
   """Restores the latest checkpoint of `workdir` onto all local devices and
   compares every value with the raw arrays on disk."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
   from flax import serialization  # pylint: disable=g-import-not-at-top
   from resnet_jax import checkpointing, run_setup  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  run = run_setup.build(config)
+  run = run_setup.build(config_lib.read(workdir))
   ckpt = checkpointing.Checkpointer(workdir, read_only=True, async_save=False)
   state, meta = ckpt.restore(run_setup.init_state(run), run.replicated)
   restored = serialization.to_state_dict(state)
@@ -107,9 +109,9 @@ def train_tiny(workdir: str, data_dir: str) -> dict:
   """The tiny run of test_checkpoints, on every (simulated) device."""
   from resnet_jax import train_loop  # pylint: disable=g-import-not-at-top
   from test_training import tiny_config  # pylint: disable=g-import-not-at-top
-  config = tiny_config('default', data_dir, width=4, batch_size=32,
-                       num_train_steps=8, checkpoint_every_steps=4,
-                       eval_batch_size=40)
+  config = tiny_config('default', data_dir, **{
+      'model.width': 4, 'data.batch_size': 32, 'run.num_train_steps': 8,
+      'run.checkpoint_every_steps': 4, 'data.eval_batch_size': 40})
   train_loop.train_and_evaluate(config, workdir)
   return {'devices': jax.device_count()}
 

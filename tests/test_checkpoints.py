@@ -22,12 +22,14 @@ TIMING_FIELDS = ('images_per_sec', 'examples_per_sec')
 
 def _cmd(workdir, data_dir, *extra):
   return [sys.executable, str(ROOT / 'train.py'), f'--workdir={workdir}',
-          f'--config.tfds_data_dir={data_dir}', '--config.width=4',
-          '--config.batch_size=32', '--config.eval_batch_size=40',
-          '--config.num_train_steps=20', '--config.warmup_epochs=0',
-          '--config.log_every_steps=2', '--config.checkpoint_every_steps=3',
-          '--config.augment.crop_padding=2', '--config.augment.flip=True',
-          '--config.progress_bar=False', *extra]
+          f'--config.data.tfds_data_dir={data_dir}', '--config.model.width=4',
+          '--config.data.batch_size=32', '--config.data.eval_batch_size=40',
+          '--config.run.num_train_steps=20', '--config.optim.warmup_epochs=0',
+          '--config.run.log_every_steps=2',
+          '--config.run.checkpoint_every_steps=3',
+          '--config.data.augment.crop_padding=2',
+          '--config.data.augment.flip=True',
+          '--config.run.progress_bar=False', *extra]
 
 
 def _run_until(cmd, workdir, step, sig):
@@ -81,7 +83,8 @@ def test_resume_after_kills_and_sigterm_is_bitwise_identical(fake_data_dir,
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   a, b = _final_state(ref), _final_state(run)
-  for section in ('params', 'batch_stats', 'opt_state', 'step', 'rng'):
+  for section in ('params', 'batch_stats', 'opt_state', 'step', 'rng',
+                  'metric_sums'):
     leaves_a = [np.asarray(x) for x in _leaves(a[section])]
     leaves_b = [np.asarray(x) for x in _leaves(b[section])]
     assert len(leaves_a) == len(leaves_b) > 0
@@ -105,9 +108,9 @@ def _leaves(tree):
 def trained(fake_data_dir, tmp_path_factory):
   """A finished tiny run with checkpoints at steps 4 and 8 (end of epoch)."""
   workdir = tmp_path_factory.mktemp('trained')
-  config = tiny_config('default', fake_data_dir, width=4, batch_size=32,
-                       num_train_steps=8, checkpoint_every_steps=4,
-                       eval_batch_size=40)
+  config = tiny_config('default', fake_data_dir, **{
+      'model.width': 4, 'data.batch_size': 32, 'run.num_train_steps': 8,
+      'run.checkpoint_every_steps': 4, 'data.eval_batch_size': 40})
   result = train_loop.train_and_evaluate(config, str(workdir))
   return config, workdir, result
 
@@ -115,12 +118,12 @@ def trained(fake_data_dir, tmp_path_factory):
 def test_eval_mode_reports_the_full_test_set(trained, capsys):
   config, workdir, result = trained
   config = config.copy_and_resolve_references()
-  config.mode = 'eval'
+  config.run.mode = 'eval'
   evaluated = train_loop.evaluate_checkpoint(config, str(workdir))
   assert evaluated['step'] == 8 and evaluated['test_count'] == 100
   assert evaluated['test_accuracy'] == pytest.approx(result['test_accuracy'])
   assert 'step 8: test loss' in capsys.readouterr().out
-  config.eval_step = 4
+  config.run.eval_step = 4
   assert train_loop.evaluate_checkpoint(config, str(workdir))['step'] == 4
 
 
@@ -133,7 +136,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(trained, tmp_path,
     if f.is_file() and f.stat().st_size > 100:
       f.write_bytes(b'\0' * 17)  # truncated, garbage array data
   config = config.copy_and_resolve_references()
-  config.mode = 'eval'
+  config.run.mode = 'eval'
   result = train_loop.evaluate_checkpoint(config, str(copy))
   assert result['step'] == 4
   assert 'unreadable' in caplog.text
@@ -148,15 +151,19 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(trained, tmp_path,
 def test_warm_start_with_a_new_head_and_rgb_input(trained, fake_data_dir,
                                                  tmp_path):
   _, workdir, _ = trained
-  config = tiny_config('cifar10_resnet20', fake_data_dir, width=8,
-                       dataset='cifar100', num_train_steps=1,
-                       learning_rate=0.0, weight_decay=0.0,
-                       stage_sizes=(1, 1, 1))  # the trained run's ResNet-8
-  config.init_from = f'{workdir}:8'
+  # The trained run's ResNet-8 (cifar_resnet20 with one block per stage),
+  # but 8 wide instead of 4: the first parameter that differs is named.
+  config = tiny_config('cifar10_resnet20', fake_data_dir, **{
+      'model.width': 8, 'data.dataset': 'cifar100', 'run.num_train_steps': 1,
+      'optim.weight_decay': 0.0, 'model.stage_sizes': (1, 1, 1),
+      'run.init_from': f'{workdir}:8'})
   with pytest.raises(UserError, match=r'params/stem/bn1/bias has shape \(4,\)'):
     train_loop.train_and_evaluate(config, str(tmp_path / 'a'))
-  # Same architecture, 100 classes instead of 10, RGB instead of gray.
-  config.width, config.zero_init_residual = 4, True
+  # Same architecture, 100 classes instead of 10, RGB instead of gray. A
+  # learning rate of 1e-30 (0 is not a valid config) moves no weight by an
+  # ulp in the one step, so the checkpoint after it holds the warm start.
+  config.model.width, config.model.zero_init_residual = 4, True
+  config.optim.learning_rate = 1e-30
   train_loop.train_and_evaluate(config, str(tmp_path / 'b'))
   source, _ = checkpointing.Checkpointer(
       str(workdir), read_only=True, async_save=False).restore_variables(8)
@@ -171,19 +178,29 @@ def test_warm_start_with_a_new_head_and_rgb_input(trained, fake_data_dir,
 
 def test_restoring_into_another_architecture_names_the_parameter(trained):
   config, workdir, _ = trained
+  # A workdir names its network: another width is refused by name ...
   config = config.copy_and_resolve_references()
-  config.mode, config.width = 'eval', 8
+  config.run.mode, config.model.width = 'eval', 8
+  with pytest.raises(UserError, match=r"model.width=4, but this command asks "
+                     r'for model.width=8'):
+    train_loop.evaluate_checkpoint(config, str(workdir))
+  # ... and a checkpoint restored into another network names the parameter.
+  from resnet_jax import run_setup  # pylint: disable=g-import-not-at-top
+  run = run_setup.build(config)
+  ckpt = checkpointing.Checkpointer(str(workdir), read_only=True,
+                                    async_save=False)
   with pytest.raises(UserError, match=r'params/stem/bn1/bias has shape '
                      r'\(4,\) in the checkpoint but \(8,\) in the model'):
-    train_loop.evaluate_checkpoint(config, str(workdir))
+    ckpt.restore(run_setup.init_state(run), run.replicated)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(fake_data_dir,
                                                              tmp_path):
-  config = tiny_config('default', fake_data_dir, width=4, batch_size=32,
-                       num_train_steps=8, checkpoint_every_steps=2,
-                       learning_rate=1e30, schedule='constant')
-  with pytest.raises(train_loop.NonFiniteError, match=r'at step \d'):
+  config = tiny_config('default', fake_data_dir, **{
+      'model.width': 4, 'data.batch_size': 32, 'run.num_train_steps': 8,
+      'run.checkpoint_every_steps': 2, 'run.log_every_steps': 4,
+      'optim.learning_rate': 1e30, 'optim.schedule': 'constant'})
+  with pytest.raises(train_loop.NonFiniteError, match=r'in steps \d+-\d+'):
     train_loop.train_and_evaluate(config, str(tmp_path))
   steps = checkpointing.Checkpointer(str(tmp_path), read_only=True,
                                      async_save=False).all_steps()

@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from resnet_jax import convert
+from resnet_jax import checkpointing, config as config_lib, convert, models
 from resnet_jax.errors import UserError
 from resnet_jax.models import create_model
 
@@ -76,6 +76,13 @@ def test_logits_equal_torchvision(name):
   assert rel < _TOL
 
 
+def _cli(*args, code=None):
+  """`python -m resnet_jax.convert ARGS` (or `python -c CODE ARGS`)."""
+  command = ['-c', code] if code else ['-m', 'resnet_jax.convert']
+  return subprocess.run([sys.executable, *command, *args], capture_output=True,
+                        text=True, cwd=_REPO, timeout=300, check=False)
+
+
 def test_pth_checkpoint_through_cli(tmp_path):
   torch = pytest.importorskip('torch')
   pytest.importorskip('torchvision')
@@ -83,9 +90,11 @@ def test_pth_checkpoint_through_cli(tmp_path):
   src = str(tmp_path / 'resnet18.pth')
   torch.save({'state_dict': state}, src)  # Wrapped, as training scripts do.
   dst = tmp_path / 'out'
-  assert convert.main(['--from', 'torchvision', '--model', 'resnet18',
-                       '--src', src, '--dst', str(dst)]) == 0
-  _assert_restores_to(dst, convert.from_torchvision(state, 'resnet18'))
+  result = _cli('--from=torchvision', '--model=resnet18', f'--src={src}',
+                f'--dst={dst}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'wrote resnet18 (1000 classes)' in result.stdout
+  _assert_restores_to(dst, convert.from_torchvision(state, 'resnet18'), src)
 
 
 def _torchvision_resnet18_state(num_classes: int = 1000,
@@ -145,19 +154,21 @@ def test_numpy_state_dict_layouts():
 
 
 def test_numpy_state_dict_needs_no_torch(tmp_path):
-  np.savez(tmp_path / 'sd.npz', **_torchvision_resnet18_state())
+  src = str(tmp_path / 'sd.npz')
+  np.savez(src, **_torchvision_resnet18_state())
+  # The library and then the command itself, with any torch import failing.
   code = (
-      'import sys; sys.modules["torch"] = None\n'  # Any torch import fails.
+      'import runpy, sys; sys.modules["torch"] = None\n'
       'import numpy as np\n'
       'from resnet_jax import convert\n'
-      f'sd = dict(np.load({str(tmp_path / "sd.npz")!r}))\n'
+      f'sd = dict(np.load({src!r}))\n'
       'v = convert.from_torchvision(sd, "resnet18")\n'
       'assert v["params"]["fc"]["kernel"].shape == (512, 1000)\n'
-      f'assert convert.main(["--model", "resnet18", "--src", '
-      f'{str(tmp_path / "sd.npz")!r}, "--dst", {str(tmp_path / "out")!r}]) == 0\n')
-  result = subprocess.run([sys.executable, '-c', code], capture_output=True,
-                          text=True, cwd=_REPO, check=False)
-  assert result.returncode == 0, result.stderr
+      'sys.argv[0] = "convert"\n'
+      'runpy.run_module("resnet_jax.convert", run_name="__main__")\n')
+  result = _cli('--model=resnet18', f'--src={src}',
+                f'--dst={tmp_path / "out"}', code=code)
+  assert result.returncode == 0, result.stderr[-2000:]
   assert os.path.exists(tmp_path / 'out' / 'config.json')
 
 
@@ -194,58 +205,95 @@ def test_model_without_torchvision_counterpart():
     convert.from_torchvision(_torchvision_resnet18_state(), 'cifar_resnet20')
 
 
-def _assert_restores_to(dst, variables) -> None:
-  with open(dst / 'config.json') as f:
-    config = json.load(f)
+def _assert_restores_to(dst, variables, src) -> None:
   num_classes = variables['params']['fc']['bias'].shape[0]
-  assert config['model'] == 'resnet18'
-  assert config['num_classes'] == num_classes
-  assert config['source'] == 'torchvision'
-  assert config['dataset'] == 'imagenet2012' and config['image_size'] == 224
+  expected = convert.converted_config('resnet18', num_classes)
+  # config.json: a training run's schema, naming the network and its data.
+  with open(dst / 'config.json') as f:
+    written = json.load(f)
+  assert written == json.loads(json.dumps(expected.to_dict()))
+  config = config_lib.read(str(dst))  # validates it
+  assert config.to_dict() == expected.to_dict()
+  assert config.model.name == 'resnet18'
+  assert config.model.num_classes == num_classes
+  assert config.data.dataset == 'imagenet2012'
+  assert config.data.image_size == 224
+  # The network it names is the one the weights fit.
+  model = models.from_config(config.model)
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+  assert (jax.tree.map(lambda a: (a.shape, a.dtype), dict(shapes)) ==
+          jax.tree.map(lambda a: (a.shape, a.dtype), variables))
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, variables)
   with ocp.CheckpointManager(os.path.abspath(dst / 'checkpoints')) as manager:
     assert manager.all_steps() == [0]
     restored = manager.restore(0, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
   jax.tree.map(np.testing.assert_array_equal, restored['state'], variables)
-  assert restored['meta']['config'] == config
+  assert restored['meta'] == {'step': 0, 'metrics': {},
+                              'source': 'torchvision',
+                              'src': os.path.abspath(src)}
+  # ... and the checkpointer of warm starts and predict.py reads it.
+  ckpt = checkpointing.Checkpointer(str(dst), read_only=True, async_save=False)
+  loaded, meta = ckpt.restore_variables()
+  ckpt.close()
+  jax.tree.map(np.testing.assert_array_equal, loaded, variables)
+  assert meta['step'] == 0
+
+
+def test_converted_config_is_a_valid_run_config():
+  c = convert.converted_config('resnet50', 1000)
+  config_lib.validate(c)
+  assert config_lib.from_dict(c.to_dict()).to_dict() == c.to_dict()
+  # torchvision's networks: no zero-initialised residual BN, no width or
+  # depth override; ImageNet at 224 without augmentation.
+  assert (c.model.name, c.model.num_classes) == ('resnet50', 1000)
+  assert not c.model.zero_init_residual
+  assert c.model.width is None and c.model.stage_sizes is None
+  assert (c.data.dataset, c.data.image_size) == ('imagenet2012', 224)
+  assert convert.converted_config('resnet18', 5).model.num_classes == 5
+
+
+def _assert_one_line_error(result, fragment) -> None:
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+  assert result.stderr.startswith('error: '), result.stderr[-2000:]
+  assert result.stderr.count('\n') == 1, result.stderr
+  assert fragment in result.stderr
 
 
 def test_cli_writes_checkpoint_that_restores(tmp_path):
   state = _torchvision_resnet18_state(num_classes=5)
-  np.savez(tmp_path / 'sd.npz', **state)
+  src = str(tmp_path / 'sd.npz')
+  np.savez(src, **state)
   dst = tmp_path / 'out'
-  assert convert.main(['--from', 'torchvision', '--model', 'resnet18',
-                       '--src', str(tmp_path / 'sd.npz'),
-                       '--dst', str(dst)]) == 0
-  _assert_restores_to(dst, convert.from_torchvision(state, 'resnet18'))
+  result = _cli('--from=torchvision', '--model=resnet18', f'--src={src}',
+                f'--dst={dst}', '--num_classes=5')
+  assert result.returncode == 0, result.stderr[-2000:]
+  _assert_restores_to(dst, convert.from_torchvision(state, 'resnet18'), src)
   # Converting again into the same directory is refused, not overwritten.
-  assert convert.main(['--model', 'resnet18', '--src', str(tmp_path / 'sd.npz'),
-                       '--dst', str(dst)]) == 2
+  again = _cli('--model=resnet18', f'--src={src}', f'--dst={dst}')
+  _assert_one_line_error(again, 'already exists')
 
 
 @pytest.mark.parametrize('args, fragment', [
-    (['--from', 'timm', '--model', 'resnet18', '--src', 'x.pth'],
-     "--from 'timm' is not supported"),
-    (['--model', 'resnet19', '--src', 'x.pth'], "--model 'resnet19'"),
-    (['--model', 'resnet18', '--src', 'nowhere.pth'],
+    (['--from=timm', '--model=resnet18', '--src=x.pth'],
+     "--from='timm' is not supported"),
+    (['--model=resnet19', '--src=x.pth'],
+     "--model='resnet19' has no torchvision counterpart"),
+    (['--model=resnet18', '--src=nowhere.pth'],
      "'nowhere.pth' is not a file"),
+    (['--model=resnet18', '--src=SD', '--num_classes=10'],
+     "'fc.weight' has shape (1000, 512) but resnet18 expects (10, 512)"),
+    (['--src=x.pth'], '--model'),  # a required flag
 ])
-def test_cli_errors_are_one_line(args, fragment, tmp_path, capsys):
-  assert convert.main(args + ['--dst', str(tmp_path / 'out')]) == 2
-  err = capsys.readouterr().err
-  assert fragment in err and err.count('\n') == 1
+def test_cli_errors_are_one_line(args, fragment, tmp_path):
+  src = tmp_path / 'sd.npz'
+  np.savez(src, **_torchvision_resnet18_state())
+  args = [a.replace('SD', str(src)) for a in args]
+  result = _cli(*args, f'--dst={tmp_path / "out"}')
+  _assert_one_line_error(result, fragment)
   assert not os.path.exists(tmp_path / 'out')
-
-
-def test_cli_module_exits_2_without_traceback(tmp_path):
-  result = subprocess.run(
-      [sys.executable, '-m', 'resnet_jax.convert', '--model', 'resnet18',
-       '--src', str(tmp_path / 'missing.pth'), '--dst', str(tmp_path / 'o')],
-      capture_output=True, text=True, cwd=_REPO, check=False)
-  assert result.returncode == 2
-  assert 'Traceback' not in result.stderr
-  assert result.stderr.startswith('error: ') and result.stderr.count('\n') == 1
 
 
 def _small_model_variables(num_classes: int = 10):

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import checkpointing, convert, run_setup, train_loop
+from resnet_jax import (checkpointing, config as config_lib, convert, models,
+                        run_setup, train_loop)
 from resnet_jax.errors import UserError
 
 torch = pytest.importorskip('torch')
@@ -16,10 +17,15 @@ pytest.importorskip('ml_collections')  # configs/*.py
 
 
 def _finetune_config(**overrides):
+  """The recipe with `overrides` at dotted paths ('run.init_from': ...)."""
   from configs import finetune_fashion_mnist  # pylint: disable=g-import-not-at-top
   config = finetune_fashion_mnist.get_config()
-  for key, value in overrides.items():
-    setattr(config, key, value)
+  for path, value in overrides.items():
+    section, key = path.rsplit('.', 1)
+    node = config
+    for name in section.split('.'):
+      node = node[name]
+    node[key] = value
   return config
 
 
@@ -55,20 +61,40 @@ def _flat(tree) -> dict:
 
 def test_recipe_defaults():
   config = _finetune_config()
-  assert config.model in convert.TORCHVISION_MODELS
-  assert config.width == 0  # the converted weights' own width
-  assert config.dataset == 'fashion_mnist' and config.image_size >= 32
-  assert config.init_from and config.learning_rate <= 0.05
+  config_lib.validate(config)
+  m = config.model
+  assert m.name in convert.TORCHVISION_MODELS
+  # The converted weights' own width and depth...
+  assert m.width is None and m.stage_sizes is None
+  # ... which the recipe's network has: the converted directory's config
+  # names the same network (bar the head, which the warm start replaces).
+  converted = convert.converted_config(m.name, 1000).model
+  for key in ('name', 'width', 'stage_sizes', 'zero_init_residual'):
+    assert m[key] == converted[key], key
+  assert config.data.dataset == 'fashion_mnist'
+  assert config.data.image_size >= 32
+  models.check_image_size(models.from_config(run_setup.resolve(config).model),
+                          config.data.image_size)
+  assert config.run.init_from and config.optim.learning_rate <= 0.05
 
 
 def test_run_starts_from_converted_weights(converted, fake_data_dir, tmp_path):
   source, rgb = converted
   # Learning rate 0: the checkpoint after two steps holds the warm start.
-  config = _finetune_config(
-      init_from=source, tfds_data_dir=fake_data_dir, image_size=32,
-      batch_size=8, eval_batch_size=100, num_train_steps=2, warmup_epochs=0.0,
-      learning_rate=0.0, log_every_steps=1, progress_bar=False,
-      conv_impl='xla')  # compiles faster than the CPU patches path
+  config = _finetune_config(**{
+      'run.init_from': source, 'data.tfds_data_dir': fake_data_dir,
+      'data.image_size': 32, 'data.batch_size': 8,
+      'data.eval_batch_size': 100, 'run.num_train_steps': 2,
+      'optim.warmup_epochs': 0.0, 'run.log_every_steps': 1,
+      'run.progress_bar': False,
+      # compiles faster than the CPU patches path
+      'model.conv_impl': 'xla'})
+  # A learning rate must be positive; a zero momentum and weight decay and
+  # a rate too small to move float32 weights of this size keep them as
+  # loaded (checked below to the bit).
+  config.optim.learning_rate = 1e-30
+  config.optim.momentum = 0.0
+  config.optim.weight_decay = 0.0
   result = train_loop.train_and_evaluate(config, str(tmp_path))
   assert result['test_count'] == 100 and np.isfinite(result['test_loss'])
 
@@ -96,6 +122,6 @@ def test_run_starts_from_converted_weights(converted, fake_data_dir, tmp_path):
 
 def test_placeholder_init_from_says_how_to_convert():
   run = types.SimpleNamespace(config=_finetune_config(
-      init_from='/nonexistent/torchvision_resnet18'))
+      **{'run.init_from': '/nonexistent/torchvision_resnet18'}))
   with pytest.raises(UserError, match='python -m resnet_jax.convert'):
     run_setup.warm_start(run, None)

@@ -8,14 +8,18 @@ import os
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
+from absl import flags as absl_flags
 
-from resnet_jax import input_pipeline as ip
+from resnet_jax import datasets, input_pipeline as ip, tfds_io
 from resnet_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FASHION = datasets.get('fashion_mnist')
+MNIST = datasets.get('mnist')
 FASHION_DIR = os.path.join(REPO, '..', 'shared', 'data', 'fashion_mnist')
 # Machines without TensorFlow/TFDS (some accelerator boxes) still run the rest.
 needs_tfds = pytest.mark.skipif(
@@ -51,12 +55,11 @@ def test_train_batch_indices_cover_an_epoch_without_repeats():
 
 def test_resume_mid_epoch_gives_the_same_remaining_batches():
   n, bs, seed = 500, 32, 7  # 15 steps per epoch
-  full = [b for _, (_, _, b) in zip(range(40), ip.train_index_stream(
-      n, bs, seed))]
+  full = [b for _, b in zip(range(40), ip.train_index_stream(n, bs, seed))]
+  assert all(b.shape == (bs,) for b in full)
   for start in (0, 9, 15, 22):
-    resumed = [b for _, (_, _, b) in zip(range(40 - start),
-                                         ip.train_index_stream(
-                                             n, bs, seed, start_step=start))]
+    resumed = [b for _, b in zip(range(40 - start), ip.train_index_stream(
+        n, bs, seed, start_step=start))]
     np.testing.assert_array_equal(np.stack(resumed), np.stack(full[start:]))
   # Equivalent with train_batch_indices at (epoch, offset).
   epoch, offset = divmod(22, 15)
@@ -68,7 +71,7 @@ def test_resume_mid_epoch_gives_the_same_remaining_batches():
 @pytest.mark.parametrize('n,bs', [(100, 10), (103, 10), (7, 10), (1, 1)])
 def test_eval_batches_count_each_example_once(n, bs):
   batches = list(ip.eval_batches(n, bs))
-  assert len(batches) == ip.num_eval_batches(n, bs) == -(-n // bs)
+  assert len(batches) == -(-n // bs)
   counts = np.zeros(n, int)
   for idx, mask in batches:
     assert idx.shape == mask.shape == (bs,) and mask.dtype == bool
@@ -85,9 +88,9 @@ def test_eval_batches_count_each_example_once(n, bs):
 def test_unprepared_dataset_offline_explains_how_to_prepare(tmp_path,
                                                             monkeypatch):
   # Never touch the network here, whatever machine runs the test.
-  monkeypatch.setattr(ip, '_network_reachable', lambda urls, **kw: False)
+  monkeypatch.setattr(tfds_io, '_network_reachable', lambda urls, **kw: False)
   with pytest.raises(UserError) as e:
-    ip.load_in_memory('mnist', data_dir=str(tmp_path))
+    ip.load_in_memory(MNIST, data_dir=str(tmp_path))
   msg = str(e.value)
   assert 'tfds_manual_dir' in msg and 'train-images-idx3-ubyte.gz' in msg
   assert 'resnet_jax_cache' in msg
@@ -95,26 +98,27 @@ def test_unprepared_dataset_offline_explains_how_to_prepare(tmp_path,
   empty = tmp_path / 'manual'
   empty.mkdir()
   with pytest.raises(UserError, match='tfds_manual_dir'):
-    ip.load_in_memory('mnist', data_dir=str(tmp_path), manual_dir=str(empty))
-  # '' (the configs' "not given") means no manual dir, not a missing one.
+    ip.load_in_memory(MNIST, data_dir=str(tmp_path), manual_dir=str(empty))
+  # None (the config's "unset") means no manual dir, not a missing one.
   with pytest.raises(UserError, match='cannot be downloaded'):
-    ip.load_in_memory('mnist', data_dir=str(tmp_path), manual_dir='')
+    ip.load_in_memory(MNIST, data_dir=str(tmp_path), manual_dir=None)
 
 
 @needs_tfds
 def test_missing_manual_dir_and_unknown_names(tmp_path):
   with pytest.raises(UserError, match='does not exist'):
-    ip.load_in_memory('mnist', data_dir=str(tmp_path),
+    ip.load_in_memory(MNIST, data_dir=str(tmp_path),
                       manual_dir=str(tmp_path / 'nope'))
   with pytest.raises(UserError, match='fashion_mnist.*cifar100'):
-    ip.load_in_memory('no_such_dataset_xyz', data_dir=str(tmp_path))
+    datasets.get('no_such_dataset_xyz')
   with pytest.raises(UserError, match='too large'):
-    ip.load_in_memory('imagenet2012', data_dir=str(tmp_path))
+    ip.load_in_memory(datasets.get('imagenet2012'), data_dir=str(tmp_path))
 
 
 def test_network_probe_is_bounded():
   start = time.monotonic()
-  assert not ip._network_reachable(['https://host.invalid/f.gz'], timeout=2)
+  assert not tfds_io._network_reachable(['https://host.invalid/f.gz'],
+                                        timeout=2)
   assert time.monotonic() - start < 10
 
 
@@ -127,9 +131,9 @@ def fashion(fashion_mnist_data_dir):
   shared download files (from scratch in CI), read back from the cache."""
   pytest.importorskip('tensorflow_datasets')
   data_dir = fashion_mnist_data_dir
-  info, train, test = ip.load_in_memory('fashion_mnist', data_dir=data_dir,
-                                        manual_dir=FASHION_DIR)
-  return data_dir, info, train, test
+  splits = ip.load_in_memory(FASHION, data_dir=data_dir,
+                             manual_dir=FASHION_DIR)
+  return data_dir, splits, splits.train, splits.evals['test']
 
 
 def _raw_idx(name):
@@ -140,17 +144,20 @@ def _raw_idx(name):
 
 @needs_fashion
 def test_fashion_mnist_shapes_labels_and_class_names(fashion):
-  _, info, train, test = fashion
+  _, splits, train, test = fashion
+  assert list(splits.evals) == ['test']  # the eval splits of datasets.py
   assert train.images.shape == (60000, 28, 28, 1)
   assert test.images.shape == (10000, 28, 28, 1)
   assert train.images.dtype == test.images.dtype == np.uint8
   assert train.labels.dtype == np.int32
-  assert info.num_train == 60000 and info.num_eval == 10000
-  assert info.image_shape == (28, 28, 1) and info.num_classes == 10
-  assert info.in_memory
-  assert info.class_names == ('T-shirt/top', 'Trouser', 'Pullover', 'Dress',
-                              'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
-                              'Ankle boot')
+  # The table in datasets.py agrees with the data.
+  assert (len(train), len(test)) == (FASHION.num_train,
+                                     FASHION.eval_sizes['test'])
+  assert train.images.shape[1:] == FASHION.image_shape == (28, 28, 1)
+  assert FASHION.num_classes == 10 and FASHION.storage == 'memory'
+  assert splits.class_names == ('T-shirt/top', 'Trouser', 'Pullover',
+                                'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker',
+                                'Bag', 'Ankle boot')
   np.testing.assert_array_equal(np.bincount(train.labels), [6000] * 10)
   np.testing.assert_array_equal(np.bincount(test.labels), [1000] * 10)
   # TFDS's fixed example order (its generator shuffles the raw files).
@@ -169,24 +176,29 @@ def test_fashion_mnist_pixels_match_the_download_files(fashion):
   flat = train.images.reshape(60000, 784)
   assert all(by_bytes.get(img.tobytes()) == lab
              for img, lab in zip(flat, train.labels))
-  # The normalisation constants in preprocess.DATASET_STATS.
-  assert abs(train.images.mean() / 255 - 0.2860) < 1e-3
-  assert abs(train.images.std() / 255 - 0.3530) < 1e-3
+  # The normalisation constants in datasets.py.
+  assert abs(train.images.mean() / 255 - FASHION.mean[0]) < 1e-3
+  assert abs(train.images.std() / 255 - FASHION.std[0]) < 1e-3
 
 
 @needs_fashion
 def test_validation_holdout_is_the_tail_of_train(fashion):
-  data_dir, _, train, _ = fashion
-  info, tr, val = ip.load_in_memory('fashion_mnist', data_dir=data_dir,
-                                    validation_examples=5000)
+  data_dir, _, train, test = fashion
+  splits = ip.load_in_memory(FASHION, data_dir=data_dir,
+                             validation_examples=5000)
+  tr, val = splits.train, splits.evals['val']
+  # The held-out split comes first (it selects the best checkpoint), and
+  # the test split is still there, untouched.
+  assert list(splits.evals) == ['val', 'test'] == list(
+      datasets.eval_split_names(FASHION, 5000))
   assert tr.images.shape == (55000, 28, 28, 1)
   assert val.images.shape == (5000, 28, 28, 1)
-  assert (info.num_train, info.num_eval) == (55000, 5000)
   np.testing.assert_array_equal(val.images, train.images[55000:])
+  np.testing.assert_array_equal(val.labels, train.labels[55000:])
   np.testing.assert_array_equal(tr.labels, train.labels[:55000])
+  np.testing.assert_array_equal(splits.evals['test'].labels, test.labels)
   with pytest.raises(UserError, match='validation_examples'):
-    ip.load_in_memory('fashion_mnist', data_dir=data_dir,
-                      validation_examples=60000)
+    ip.load_in_memory(FASHION, data_dir=data_dir, validation_examples=60000)
 
 
 _NO_TF_LOADER = r'''
@@ -196,11 +208,13 @@ class _Block:
     if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets'):
       raise ImportError(f'{name} is blocked in this test')
 sys.meta_path.insert(0, _Block())
-from resnet_jax import input_pipeline as ip
-info, train, test = ip.load_in_memory(sys.argv[1])
+from resnet_jax import datasets, input_pipeline as ip
+splits = ip.load_in_memory(datasets.get(sys.argv[1]))
 assert not any(m.startswith('tensorflow') for m in sys.modules)
+train, test = splits.train, splits.evals['test']
 h = lambda a: hashlib.sha256(a.tobytes()).hexdigest()
-print(json.dumps({'info': repr(info), 'hashes': [h(train.images),
+print(json.dumps({'class_names': splits.class_names,
+      'evals': list(splits.evals), 'hashes': [h(train.images),
       h(train.labels), h(test.images), h(test.labels)],
       'dtypes': [str(train.images.dtype), str(train.labels.dtype)]}))
 '''
@@ -208,7 +222,7 @@ print(json.dumps({'info': repr(info), 'hashes': [h(train.images),
 
 @needs_fashion
 def test_cache_is_read_without_tensorflow(fashion):
-  data_dir, info, train, test = fashion
+  data_dir, splits, train, test = fashion
   folder = ip.cache_dir('fashion_mnist', data_dir)
   assert sorted(os.listdir(folder)) == ['info.json', 'test.npz', 'train.npz']
   env = dict(os.environ, TFDS_DATA_DIR=data_dir, PYTHONPATH=REPO,
@@ -221,7 +235,8 @@ def test_cache_is_read_without_tensorflow(fashion):
   h = lambda a: hashlib.sha256(a.tobytes()).hexdigest()
   assert got['hashes'] == [h(train.images), h(train.labels), h(test.images),
                            h(test.labels)]
-  assert got['info'] == repr(info)
+  assert got['class_names'] == list(splits.class_names)
+  assert got['evals'] == ['test']
   assert got['dtypes'] == ['uint8', 'int32']
 
 
@@ -232,14 +247,34 @@ def test_cli_reports_the_cache(fashion, capsys, monkeypatch):
   monkeypatch.setattr(ip, 'prepare_cache',
                       lambda name, data_dir, manual_dir: ip.cache_dir(
                           name, data_dir))
-  assert ip.main(['--dataset', 'fashion_mnist', '--data_dir', data_dir]) == 0
+  # main reads the absl flags that _define_flags declares.
+  monkeypatch.setattr(absl_flags, 'FLAGS', types.SimpleNamespace(
+      dataset='fashion_mnist', data_dir=data_dir, manual_dir=None))
+  assert not ip.main(['input_pipeline'])
   folder, size = capsys.readouterr().out.split()[:2]
   assert folder == ip.cache_dir('fashion_mnist', data_dir)
   assert 10 < float(size) < 60  # MiB, compressed
-  monkeypatch.undo()
-  assert ip.main(['--dataset', 'no_such_dataset_xyz',
-                  '--data_dir', data_dir]) == 2
-  assert 'unknown dataset' in capsys.readouterr().err
+
+
+def _cli(*args):
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-m', 'resnet_jax.input_pipeline',
+                         *args], capture_output=True, text=True, env=env,
+                        cwd=REPO, timeout=120, check=False)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+  for args, expected in [
+      (['--dataset=no_such_dataset_xyz', f'--data_dir={tmp_path}'],
+       'unknown dataset'),
+      ([f'--data_dir={tmp_path}'], 'dataset'),  # a required flag
+      (['--dataset=mnist', '--datadir=x'], 'datadir'),
+  ]:
+    out = _cli(*args)
+    assert out.returncode == 2, (args, out.stderr[-2000:])
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: ') and expected in last, (args, last)
+    assert 'Traceback' not in out.stderr
 
 
 # ------------------------------------------------ streaming (tf.data) path
@@ -250,24 +285,44 @@ def mock_imagenet(monkeypatch):
   """imagenet2012 under tfds.testing.mock_data: random JPEGs of random size."""
   tfds = pytest.importorskip('tensorflow_datasets')
   # The mock makes download_and_prepare a no-op; skip the network probe too.
-  monkeypatch.setattr(ip, '_network_reachable', lambda urls, **kw: True)
+  monkeypatch.setattr(tfds_io, '_network_reachable', lambda urls, **kw: True)
   with tfds.testing.mock_data(num_examples=21):
     yield
 
 
+IMAGENET = datasets.get('imagenet2012')
+
+
 def _stream(train, seed=0, epoch=0):
-  return list(ip.streaming_dataset(
-      'imagenet2012', 'train' if train else 'validation',
+  from resnet_jax import streaming  # pylint: disable=g-import-not-at-top
+  return list(streaming.streaming_dataset(
+      IMAGENET, 'train' if train else 'val',
       batch_size_per_process=4, image_size=32, train=train, seed=seed,
       epoch=epoch))
 
 
-def test_streaming_train_batches_are_deterministic(mock_imagenet):
+def test_imagenet_row_streams_and_evaluates_on_val():
+  assert IMAGENET.storage == 'stream' and IMAGENET.image_shape is None
+  assert IMAGENET.num_classes == 1000 and IMAGENET.channels == 3
+  # TFDS calls the labelled evaluation split 'validation'; we call it 'val'.
+  assert IMAGENET.eval_splits == {'val': 'validation'}
+  assert datasets.eval_split_names(IMAGENET, 0) == ('val',)
+  # Evaluation and predict.py: a 224 centre crop of the shorter side at 256.
+  assert IMAGENET.eval_crop_padding == 32
+  with pytest.raises(UserError, match='image_size'):
+    datasets.image_size(IMAGENET, None)
+  assert datasets.image_size(IMAGENET, 224) == 224
+
+
+def test_streaming_split_sizes_are_imagenets(mock_imagenet):
+  # Our split names: TFDS reads 'validation' for 'val'.
   from resnet_jax import streaming  # pylint: disable=g-import-not-at-top
-  info = streaming.streaming_info('imagenet2012')
-  assert (info.num_classes, info.image_shape, info.in_memory) == (
-      1000, (0, 0, 3), False)
-  assert streaming.is_streaming('imagenet2012')
+  builder = tfds_io.builder('imagenet2012')
+  assert streaming.split_size(builder, IMAGENET, 'train') == 1_281_167
+  assert streaming.split_size(builder, IMAGENET, 'val') == 50_000
+
+
+def test_streaming_train_batches_are_deterministic(mock_imagenet):
   batches = _stream(train=True)
   assert len(batches) == 5  # 21 // 4, incomplete batch dropped
   for b in batches:
@@ -294,15 +349,19 @@ def test_streaming_eval_pads_the_last_batch(mock_imagenet):
 @needs_tfds
 def test_streaming_decoders_on_png_and_jpeg():
   from resnet_jax import streaming  # pylint: disable=g-import-not-at-top
-  tf, _ = ip.import_tfds()
+  tf, _ = tfds_io.import_tfds()
   # 64x48 image: black border, white centre; the eval crop keeps the centre.
   image = np.zeros((64, 48, 3), np.uint8)
   image[12:52, 4:44] = 255
   for encoded in (tf.io.encode_png(image), tf.io.encode_jpeg(image,
                                                              quality=100)):
-    centre = streaming._eval_decode(tf, 16)(encoded).numpy()
+    centre = streaming._eval_decode(tf, 16, 32)(encoded).numpy()
     assert centre.shape == (16, 16, 3) and centre.dtype == np.uint8
     assert centre.min() > 240  # crop 16/48 of 48 = 16 px square in the centre
+    # No crop padding: the whole centre square (48 of 64x48), border included.
+    whole = streaming._eval_decode(tf, 16, 0)(encoded).numpy()
+    assert whole.shape == (16, 16, 3)
+    assert whole[8, 8].min() > 240 and whole[0, 0].max() < 60
     crop = streaming._train_decode(tf, 24)(encoded, tf.constant([1, 2],
                                                                 tf.int64))
     assert crop.shape == (24, 24, 3) and crop.dtype == tf.uint8

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from resnet_jax import config, models
 from resnet_jax.blocks import BasicBlock, Bottleneck
 from resnet_jax.errors import UserError
 from resnet_jax.models import Residual, available_models, create_model
@@ -64,6 +65,12 @@ def test_d2l_resnet18_layer_shapes_match_the_chapter():
     ('resnetv2_50', (1, 224, 224, 3), 1000, 25_549_352),
     ('resnetv2_101', (1, 224, 224, 3), 1000, 44_541_480),
     ('resnetv2_152', (1, 224, 224, 3), 1000, 60_185_128),
+    # ResNet-8 (n=1), counted by hand: stem 3*3*3*16 + BN 2*16 = 464; one
+    # block per stage, two 3x3 convs + two BNs each: 16->16: 2*(9*16*16) +
+    # 4*16 = 4,672; 16->32: 9*16*32 + 9*32*32 + 4*32 = 13,952; 32->64:
+    # 9*32*64 + 9*64*64 + 4*64 = 55,552 (option A shortcuts: no
+    # parameters); head 64*10 + 10 = 650. Total 75,290.
+    ('cifar_resnet8', (1, 32, 32, 3), 10, 75_290),
     # He et al. Table 6: 0.27M ... 1.7M with option-A shortcuts.
     ('cifar_resnet20', (1, 32, 32, 3), 10, 269_722),
     ('cifar_resnet32', (1, 32, 32, 3), 10, 464_154),
@@ -74,6 +81,41 @@ def test_d2l_resnet18_layer_shapes_match_the_chapter():
 def test_parameter_counts(name, shape, num_classes, expected):
   assert _param_count(create_model(name, num_classes=num_classes),
                       shape) == expected
+
+
+def _param_shapes(model, shape):
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
+  return jax.tree.map(lambda x: (x.shape, x.dtype), variables)
+
+
+def test_from_config_builds_what_create_model_builds():
+  section = config.base_config().model
+  section.update(dict(name='cifar_resnet20', num_classes=7, width=8,
+                      stage_sizes=(1, 2, 1), zero_init_residual=False,
+                      conv_impl='xla', dtype='bfloat16'))
+  model = models.from_config(section)
+  twin = create_model('cifar_resnet20', num_classes=7, width=8,
+                      stage_sizes=(1, 2, 1), zero_init_residual=False,
+                      conv_impl='xla', dtype=jnp.bfloat16)
+  assert model == twin
+  shape = (1, 16, 16, 3)
+  shapes = _param_shapes(model, shape)
+  assert shapes == _param_shapes(twin, shape)
+  # stage_sizes and width are honoured: blocks 1, 2, 1 of widths 8/16/32.
+  params = shapes['params']
+  assert sorted(k for k in params if k.startswith('layer')) == [
+      'layer1_0', 'layer2_0', 'layer2_1', 'layer3_0']
+  assert params['stem']['conv1']['kernel'][0] == (3, 3, 3, 8)
+  assert params['layer3_0']['conv2']['kernel'][0] == (3, 3, 32, 32)
+  assert params['fc']['kernel'][0] == (32, 7)
+  assert model.dtype == jnp.bfloat16 and not model.zero_init_residual
+  # Unset fields are the model's own: ResNet-20 as registered.
+  default = config.base_config().model
+  default.update(dict(name='cifar_resnet20', num_classes=10))
+  assert _param_count(models.from_config(default), (1, 32, 32, 3)) == 269_722
+  # The dict a workdir's config.json holds builds the same network.
+  assert models.from_config(section.to_dict()) == model
 
 
 def test_resnext_cardinality_is_the_number_of_groups():

@@ -1,7 +1,6 @@
 """predict.py: top-5 lines per image, the training eval path's numbers, and
 one-line errors for every user mistake."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -10,17 +9,18 @@ import sys
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from resnet_jax import (checkpointing, convert, device_data, input_pipeline,
-                        models)
+from resnet_jax import (checkpointing, config as config_lib, convert, datasets,
+                        device_data, input_pipeline, models, predictor,
+                        run_setup)
 from resnet_jax.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLASS_NAMES = [f'class_{i}' for i in range(10)]  # conftest's fake datasets
+FASHION_MNIST = datasets.get('fashion_mnist')
 
 
 @flax.struct.dataclass
@@ -34,7 +34,7 @@ class _State:
 def _random_variables(model, shape, seed=0):
   """Random weights of the model's shapes; no init compile (slow on CPU)."""
   shapes = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros(shape), train=False))
+      jax.random.key(0), np.zeros(shape, np.float32), train=False))
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
@@ -45,30 +45,36 @@ def _random_variables(model, shape, seed=0):
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-@pytest.fixture(scope='module')
-def workdir(fake_data_dir, tmp_path_factory) -> str:
-  """A training workdir (config.json + checkpoints/2) of a tiny model on the
-  fake Fashion-MNIST, trained at 32x32 (resized from 28 as in training)."""
-  path = str(tmp_path_factory.mktemp('predict_workdir'))
-  config = {'model': 'cifar_resnet20', 'width': 4, 'dataset': 'fashion_mnist',
-            'image_size': 32, 'tfds_data_dir': fake_data_dir}
-  model = models.create_model('cifar_resnet20', num_classes=10, width=4)
-  variables = _random_variables(model, (1, 32, 32, 1))
-  checkpointing.write_config(path, config)
+def _run_config(data_dir: str, **model):
+  """A tiny model on the fake Fashion-MNIST, trained at 32x32 (resized from
+  28 on the device), resolved as train.py records it in config.json."""
+  c = config_lib.base_config()
+  c.model.name = 'cifar_resnet20'
+  c.model.width = 4
+  c.model.conv_impl = 'xla'  # compiles fastest on the CPU
+  c.model.update(model)
+  c.data.dataset = 'fashion_mnist'
+  c.data.image_size = 32
+  c.data.tfds_data_dir = data_dir
+  return run_setup.resolve(c)
+
+
+def _make_workdir(path: str, data_dir: str, step: int = 2, **model) -> str:
+  """A training workdir: the full config.json and checkpoints/<step>."""
+  config = _run_config(data_dir, **model)
+  variables = _random_variables(models.from_config(config.model),
+                                (1, 32, 32, 1))
+  config_lib.write(path, config)
   ckpt = checkpointing.Checkpointer(path, async_save=False)
-  ckpt.save(_State(step=np.int32(2), **variables), {'config': config})
+  ckpt.save(_State(step=np.int32(step), **variables))
   ckpt.close()
   return path
 
 
-def _load_predict():
-  spec = importlib.util.spec_from_file_location('predict', ROOT / 'predict.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-predict = _load_predict()
+@pytest.fixture(scope='module')
+def workdir(fake_data_dir, tmp_path_factory) -> str:
+  return _make_workdir(str(tmp_path_factory.mktemp('predict_workdir')),
+                       fake_data_dir)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -79,9 +85,8 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def _fake_test_image(data_dir: str, index: int = 0) -> np.ndarray:
-  _, _, test = input_pipeline.load_in_memory('fashion_mnist',
-                                             data_dir=data_dir)
-  return test.images[index]  # uint8 (28, 28, 1)
+  splits = input_pipeline.load_in_memory(FASHION_MNIST, data_dir=data_dir)
+  return splits.evals['test'].images[index]  # uint8 (28, 28, 1)
 
 
 def test_cli_prints_top5_per_image(workdir, fake_data_dir, tmp_path):
@@ -107,6 +112,21 @@ def test_cli_prints_top5_per_image(workdir, fake_data_dir, tmp_path):
     assert len({l.split(None, 1)[1] for l in block[1:]}) == 5
 
 
+def _eval_path_probabilities(workdir: str, image: np.ndarray) -> np.ndarray:
+  """What the training eval step computes on `image`: the run built from
+  the workdir's config.json as train.py builds it, its eval preprocessing
+  and the checkpoint's variables."""
+  run = run_setup.build(config_lib.read(workdir))
+  prep = device_data.make_preprocess(run.config, run.data.spec, run.image_size,
+                                     run.model.dtype)
+  ckpt = checkpointing.Checkpointer(workdir, read_only=True, async_save=False)
+  variables, _ = ckpt.restore_variables()
+  ckpt.close()
+  logits = run.model.apply(variables, prep.eval(image[None], None),
+                           train=False)
+  return np.asarray(jax.nn.softmax(logits))
+
+
 def test_same_probabilities_as_the_training_eval_path(workdir, fake_data_dir,
                                                       tmp_path):
   # A dataset image saved as PNG must reach the model exactly as the eval
@@ -114,21 +134,31 @@ def test_same_probabilities_as_the_training_eval_path(workdir, fake_data_dir,
   image = _fake_test_image(fake_data_dir, index=3)
   png = tmp_path / 'item.png'
   Image.fromarray(image[..., 0], 'L').save(png)
-  predictor = predict.Predictor(workdir)
-  got = predictor.probabilities(predictor.load([str(png)]))
+  p = predictor.Predictor(workdir)
+  assert p.image_size == 32 and p.spec == FASHION_MNIST
+  loaded = p.load([str(png)])
+  np.testing.assert_array_equal(loaded[0], image)  # PNG round trip, 28x28x1
+  got = p.probabilities(loaded)
+  np.testing.assert_allclose(got, _eval_path_probabilities(workdir, image),
+                             rtol=1e-5, atol=1e-6)
+  assert not np.allclose(got, 0.1, atol=1e-3)  # the weights matter
+  assert p.names == CLASS_NAMES
 
-  info = input_pipeline.load_in_memory('fashion_mnist',
-                                       data_dir=fake_data_dir)[0]
-  eval_preprocess = device_data.make_preprocess(None, info, 32, jnp.float32,
-                                                train=False)
-  ckpt = checkpointing.Checkpointer(workdir, read_only=True, async_save=False)
-  variables, _ = ckpt.restore_variables()
-  ckpt.close()
-  model = models.create_model('cifar_resnet20', num_classes=10, width=4)
-  logits = model.apply(variables, eval_preprocess(image[None], None),
-                       train=False)
-  np.testing.assert_allclose(got, jax.nn.softmax(logits), rtol=1e-5, atol=1e-6)
-  assert predictor.names == CLASS_NAMES
+
+def test_stage_sizes_override_predicts(fake_data_dir, tmp_path):
+  # config.json's whole model section builds the network: a run of ResNet-20
+  # with one block per stage has checkpoints of that network, which a model
+  # rebuilt from name and width alone (three blocks per stage) cannot load.
+  path = _make_workdir(str(tmp_path), fake_data_dir, stage_sizes=(1, 1, 1))
+  p = predictor.Predictor(path)
+  assert tuple(p.model.stage_sizes) == (1, 1, 1) and p.model.stem_width == 4
+  image = _fake_test_image(fake_data_dir, index=5)
+  png = tmp_path / 'item.png'
+  Image.fromarray(image[..., 0], 'L').save(png)
+  got = p.probabilities(p.load([str(png)]))
+  assert got.shape == (1, 10)
+  np.testing.assert_allclose(got, _eval_path_probabilities(path, image),
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_converted_imagenet_weights_use_the_eval_crop_and_imagenet_names(
@@ -138,21 +168,22 @@ def test_converted_imagenet_weights_use_the_eval_crop_and_imagenet_names(
   convert.write_converted(str(tmp_path / 'tv'),
                           _random_variables(model, (1, 32, 32, 3)),
                           'resnet18', 1000, 'random.pth')
-  predictor = predict.Predictor(str(tmp_path / 'tv'))
+  p = predictor.Predictor(str(tmp_path / 'tv'))
+  assert p.spec.name == 'imagenet2012' and p.image_size == 224
   photo = tmp_path / 'photo.jpg'
   pixels = np.zeros((300, 400, 3), np.uint8)
   pixels[:, 200:] = 255  # right half white: the centre crop keeps both
   Image.fromarray(pixels, 'RGB').save(photo)
-  images = predictor.load([str(photo)])
+  images = p.load([str(photo)])
   # Centre square of 224/256 of the shorter side, resized to 224.
   assert images.shape == (1, 224, 224, 3)
   assert images[0, :, :100].max() < 10 and images[0, :, -100:].min() > 245
-  probs = predictor.probabilities(images)
+  probs = p.probabilities(images)
   assert probs.shape == (1, 1000) and abs(probs.sum() - 1) < 1e-4
   # torchvision's readable names when it is installed, else TFDS's synsets,
   # both in the same (sorted synset) order.
-  assert len(predictor.names) == 1000
-  assert predictor.names[0] in ('tench', 'n01440764', 'class 0')
+  assert len(p.names) == 1000
+  assert p.names[0] in ('tench', 'n01440764', 'class 0')
 
 
 def _one_line_error(out: subprocess.CompletedProcess, *words: str) -> None:
@@ -174,20 +205,24 @@ def test_cli_errors_are_one_line(workdir, tmp_path):
 
 
 def test_errors_name_the_problem(workdir, tmp_path):
+  with pytest.raises(UserError, match='does not exist'):
+    predictor.Predictor(str(tmp_path / 'nope'))
   with pytest.raises(UserError, match='no config.json'):
-    predict.Predictor(str(tmp_path))
+    predictor.Predictor(str(tmp_path))
+  # A config.json of an older version (flat keys) is named as such.
   (tmp_path / 'config.json').write_text(json.dumps(
       {'model': 'resnet18', 'dataset': 'imagenet2012'}))
+  with pytest.raises(UserError, match='another version of resnet_jax'):
+    predictor.Predictor(str(tmp_path))
+  config_lib.write(str(tmp_path), convert.converted_config('resnet18', 1000))
   with pytest.raises(UserError, match='no checkpoints/ folder'):
-    predict.Predictor(str(tmp_path))
+    predictor.Predictor(str(tmp_path))
   with pytest.raises(UserError, match='no checkpoint at step 7'):
-    predict.Predictor(workdir, step=7)
+    predictor.Predictor(workdir, step=7)
   with pytest.raises(UserError, match='not found'):
-    predict.load_image(str(tmp_path / 'missing.png'), 1, (28, 28), 28)
+    predictor.load_image(str(tmp_path / 'missing.png'), FASHION_MNIST, 28)
 
 
-def test_no_images_is_a_usage_error(capsys):
-  with pytest.raises(SystemExit) as e:
-    predict.main(['predict.py'])  # checked before any flag is read
-  assert e.value.code == 2
-  assert capsys.readouterr().err.startswith('error: no images given; usage:')
+def test_no_images_is_a_usage_error(workdir):
+  out = _run(f'--workdir={workdir}')  # checked before the workdir is read
+  _one_line_error(out, 'no images given; usage:')

@@ -1,15 +1,14 @@
 """On-device preprocessing: shapes, normalisation, augmentations, config."""
 
-import types
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import preprocess as pp
+from resnet_jax import config, datasets, preprocess as pp
 
-MEAN, STD = pp.DATASET_STATS['fashion_mnist']
+_FASHION_MNIST = datasets.get('fashion_mnist')
+MEAN, STD = _FASHION_MNIST.mean, _FASHION_MNIST.std
 
 
 def _images(n=8, h=28, w=28, c=1, seed=0):
@@ -36,7 +35,8 @@ def test_normalisation_values_and_identity_without_augment():
 
 
 def test_per_channel_stats_and_dtype():
-  mean, std = pp.DATASET_STATS['cifar10']
+  cifar10 = datasets.get('cifar10')
+  mean, std = cifar10.mean, cifar10.std
   images = jnp.full((2, 32, 32, 3), 255, jnp.uint8)
   out = _run(images, None, None, image_size=32, mean=mean, std=std,
              dtype=jnp.bfloat16)
@@ -108,17 +108,28 @@ def test_random_erasing_rectangles():
   np.testing.assert_array_equal(out, _run(images, jax.random.key(4), aug))
 
 
-def test_augment_config_from_attribute_config():
-  assert pp.augment_config_from(types.SimpleNamespace()) is None
-  off = types.SimpleNamespace(augment=types.SimpleNamespace(crop_padding=0))
-  assert pp.augment_config_from(off) is None
-  cfg = types.SimpleNamespace(augment=types.SimpleNamespace(
-      crop_padding=4, flip=True))
-  assert pp.augment_config_from(cfg) == pp.AugmentConfig(crop_padding=4,
-                                                         flip=True)
-  cfg = types.SimpleNamespace(augment=types.SimpleNamespace(
-      random_erasing=0.25))
-  assert pp.augment_config_from(cfg).random_erasing == 0.25
+def _augment_section(**values):
+  section = config.base_config().data.augment
+  section.update(values)
+  return section
+
+
+def test_augment_config_from_the_data_augment_section():
+  # The schema's default recipe flips and nothing else.
+  assert pp.augment_config_from(config.base_config().data.augment) == (
+      pp.AugmentConfig(flip=True))
+  assert pp.augment_config_from(_augment_section(flip=False)) is None
+  assert pp.augment_config_from(_augment_section(crop_padding=4)) == (
+      pp.AugmentConfig(crop_padding=4, flip=True))
+  erasing = pp.augment_config_from(
+      _augment_section(flip=False, random_erasing=0.25))
+  assert erasing == pp.AugmentConfig(random_erasing=0.25)
+  # Every field of the section is read: a recipe's augmentation reaches the
+  # step.
+  fields = {k: v for k, v in config.FIELDS.items()
+            if k.startswith('data.augment.')}
+  assert set(fields) == {'data.augment.crop_padding', 'data.augment.flip',
+                         'data.augment.random_erasing'}
 
 
 def test_gather():
