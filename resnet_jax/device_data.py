@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from resnet_jax import datasets, input_pipeline, preprocess, sharding
-from resnet_jax.config import steps_per_epoch
+from resnet_jax.durations import steps_per_epoch
 
 Batch = dict[str, jax.Array]
 

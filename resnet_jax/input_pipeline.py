@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from resnet_jax import datasets, tfds_io
-from resnet_jax.config import steps_per_epoch
+from resnet_jax.durations import steps_per_epoch
 from resnet_jax.errors import UserError
 
 _CACHE_VERSION = 1

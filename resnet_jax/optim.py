@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from resnet_jax.config import Steps
+from resnet_jax.durations import Steps
 
 
 def create_schedule(optim: Any, steps: Steps) -> optax.Schedule:

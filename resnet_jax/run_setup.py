@@ -17,7 +17,8 @@ import optax
 from absl import logging
 
 from resnet_jax import (checkpointing, config as config_lib, convert, datasets,
-                        device_data, models, optim, sharding, train_step)
+                        device_data, durations, models, optim, sharding,
+                        train_step)
 from resnet_jax.errors import UserError
 
 
@@ -29,7 +30,7 @@ class Run:
   data: device_data.Data
   model: models.ResNet
   image_size: int
-  steps: config_lib.Steps
+  steps: durations.Steps
   schedule: optax.Schedule
 
   @property
@@ -68,7 +69,7 @@ def build(config: Any, load_data: Callable[[Any, jax.sharding.Mesh],
   model = models.from_config(config.model)
   image_size = datasets.image_size(data.spec, config.data.image_size)
   models.check_image_size(model, image_size)
-  steps = config_lib.resolve_steps(config, data.num_train, logging.warning)
+  steps = durations.resolve_steps(config, data.num_train, logging.warning)
   schedule = optim.create_schedule(config.optim, steps)
   return Run(config, mesh, data, model, image_size, steps, schedule)
 

@@ -9,7 +9,7 @@ a padded final eval batch counts each real example once.
 The train step adds its metrics into running sums kept in the state, one
 since the last metrics record ('window') and one since the epoch began
 ('epoch'), each reset by the step that follows a record or starts an epoch
-(`config.Steps`). So the loop only reads them, and a resumed run continues
+(`durations.Steps`). So the loop only reads them, and a resumed run continues
 its sums exactly from the checkpoint.
 """
 
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from resnet_jax.config import Steps
+from resnet_jax.durations import Steps
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]

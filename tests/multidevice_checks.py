@@ -25,9 +25,10 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 from resnet_jax import config as config_lib  # noqa: E402
+from resnet_jax import durations  # noqa: E402
 from resnet_jax import models, optim, preprocess, sharding, train_step  # noqa: E402
 
-_STEPS = config_lib.Steps(total=100, per_epoch=10, warmup=0, log_every=10,
+_STEPS = durations.Steps(total=100, per_epoch=10, warmup=0, log_every=10,
                           eval_every=10, checkpoint_every=10)
 
 

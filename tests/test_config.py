@@ -11,7 +11,7 @@ import ml_collections
 import pytest
 
 from resnet_jax import config as config_lib
-from resnet_jax import models, optim
+from resnet_jax import durations, models, optim
 from resnet_jax.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -120,21 +120,21 @@ def _config(**flat) -> ml_collections.ConfigDict:
 
 def test_steps_from_epochs_or_steps():
   # 1,000 examples, batch 64: 15 full batches an epoch (the rest dropped).
-  steps = config_lib.resolve_steps(_config(**{'run.num_epochs': 2.5}), 1000)
+  steps = durations.resolve_steps(_config(**{'run.num_epochs': 2.5}), 1000)
   assert (steps.per_epoch, steps.total) == (15, 38)  # ceil(37.5)
   assert steps.warmup == round(0.3 * 15)
-  steps = config_lib.resolve_steps(
+  steps = durations.resolve_steps(
       _config(**{'run.num_train_steps': 7, 'optim.warmup_steps': 2}), 1000)
   assert (steps.total, steps.warmup) == (7, 2)  # steps win over epochs
   with pytest.raises(UserError, match=r'data.batch_size=64 .* \[1, 50\]'):
-    config_lib.resolve_steps(_config(), 50)
+    durations.resolve_steps(_config(), 50)
 
 
 def test_a_warmup_longer_than_the_run_is_shortened_with_a_warning():
   # The default recipe's 0.3 epochs of warmup on Fashion-MNIST are 281
   # steps; a 20-step smoke test gets a 20-step warmup and a warning.
   warnings = []
-  steps = config_lib.resolve_steps(_config(**{'run.num_train_steps': 20}),
+  steps = durations.resolve_steps(_config(**{'run.num_train_steps': 20}),
                                    60_000, warnings.append)
   assert steps.warmup == steps.total == 20
   assert len(warnings) == 1 and '281' in warnings[0] and '20' in warnings[0]
@@ -147,7 +147,7 @@ def test_a_warmup_longer_than_the_run_is_shortened_with_a_warning():
 
 
 def test_periodic_actions():
-  steps = config_lib.Steps(total=25, per_epoch=10, warmup=0, log_every=4,
+  steps = durations.Steps(total=25, per_epoch=10, warmup=0, log_every=4,
                            eval_every=20, checkpoint_every=6)
   logs = [s for s in range(1, 26) if steps.is_log(s)]
   assert logs == [4, 8, 10, 12, 16, 20, 24, 25]  # epoch ends and the end too
@@ -160,7 +160,7 @@ def test_periodic_actions():
 def test_piecewise_warmup_keeps_the_recipes_boundaries():
   c = _config(**{'optim.schedule': 'piecewise', 'optim.lr_boundaries': (10,),
                  'optim.lr_scales': (0.1,), 'optim.warmup_steps': 4})
-  steps = config_lib.Steps(total=20, per_epoch=5, warmup=4, log_every=5,
+  steps = durations.Steps(total=20, per_epoch=5, warmup=4, log_every=5,
                            eval_every=5, checkpoint_every=5)
   schedule = optim.create_schedule(c.optim, steps)
   assert [round(float(schedule(s)), 4) for s in (0, 2, 4, 9, 10, 15)] == [
