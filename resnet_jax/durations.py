@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from resnet_jax.errors import UserError
 
+
 @dataclasses.dataclass(frozen=True)
 class Steps:
   """Every duration of a run in steps, resolved once (`resolve_steps`).
