@@ -241,7 +241,8 @@ def describe() -> str:
 # ------------------------------------------------------------- validation
 
 
-def _get(config: Any, path: str) -> Any:
+def get(config: Any, path: str) -> Any:
+  """The value of a dotted field path ('model.width')."""
   node = config
   for key in path.split('.'):
     node = node[key]
@@ -279,7 +280,7 @@ def validate(config: Any) -> None:
                     'resnet_jax.config lists them)')
   for path, field in FIELDS.items():
     try:
-      value = _get(config, path)
+      value = get(config, path)
     except (KeyError, AttributeError):
       raise UserError(f'config field {path} is missing; start the config '
                       'from resnet_jax.config.base_config()') from None

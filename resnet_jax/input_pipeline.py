@@ -149,14 +149,15 @@ def load_in_memory(spec: datasets.DatasetSpec, *, data_dir: str | None = None,
   if not 0 <= validation_examples < len(train):
     raise UserError(f'data.validation_examples={validation_examples} must be '
                     f'in [0, {len(train)}) for {spec.name}')
-  evals = {}
   if validation_examples:
     cut = len(train) - validation_examples
     # Slices are views: no copy of the (possibly large) train images.
-    evals[datasets.HELD_OUT] = ArrayDataset(train.images[cut:],
-                                            train.labels[cut:])
+    splits[datasets.HELD_OUT] = ArrayDataset(train.images[cut:],
+                                             train.labels[cut:])
     train = ArrayDataset(train.images[:cut], train.labels[:cut])
-  evals.update(splits)
+  # In the run's order of named sets (datasets.eval_split_names).
+  evals = {name: splits[name] for name in
+           datasets.eval_split_names(spec, validation_examples)}
   return InMemorySplits(train, evals, tuple(meta['class_names']))
 
 

@@ -191,14 +191,9 @@ def check_same_run(config: Any, workdir: str) -> None:
     return
   recorded = config_lib.read(workdir)
   for path in _IDENTITY:
-    was, now = _get(recorded, path), _get(config, path)
+    was, now = config_lib.get(recorded, path), config_lib.get(config, path)
     if was != now:
       raise UserError(
           f'{workdir!r} holds a run with {path}={was!r}, but this command '
           f'asks for {path}={now!r}; resume with the same config, or train '
           'in a new workdir')
-
-
-def _get(config: Any, path: str) -> Any:
-  section, key = path.split('.')
-  return config[section][key]
