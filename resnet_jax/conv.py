@@ -69,8 +69,9 @@ Pads = tuple[tuple[int, int], tuple[int, int]]
 PATCH_BYTES_LIMIT = 8 * 2**20
 
 
-def resolve_conv_impl(impl: str) -> str:
-  """The implementation `impl` stands for on this backend.
+def resolve_conv_impl(impl: str, platform: str | None = None) -> str:
+  """The implementation `impl` stands for on `platform` ('cpu', 'cuda',
+  'tpu', ...; default: this process's backend).
 
   'auto' is 'per_layer' (`AutoConv`) on the CPU and 'xla' elsewhere: only
   XLA's CPU convolutions are slow, GPU/TPU convolutions are not.
@@ -79,7 +80,8 @@ def resolve_conv_impl(impl: str) -> str:
     raise UserError(
         f'unknown conv_impl {impl!r}: choose one of {", ".join(CONV_IMPLS)}')
   if impl == 'auto':
-    return 'per_layer' if jax.default_backend() == 'cpu' else 'xla'
+    platform = platform or jax.default_backend()
+    return 'per_layer' if platform == 'cpu' else 'xla'
   return impl
 
 
