@@ -181,6 +181,13 @@ SCHEMA: dict[str, dict[str, Field]] = {
                       **_non_negative()),
         'log_every_steps': Field(50, 'a metrics record every N steps (and at '
                                  'the end of each epoch)', **_positive()),
+        'profile_start_step': Field(None, 'trace steps from this one on with '
+                                    "jax.profiler into WORKDIR/profile "
+                                    '(process 0; TensorBoard profile plugin '
+                                    'and Perfetto); unset: no trace',
+                                    optional=True, **_positive()),
+        'profile_num_steps': Field(5, 'how many steps to trace',
+                                   **_positive()),
         'eval_every_epochs': Field(1, 'evaluate every N epochs (and at the '
                                    'end)', **_positive()),
         'checkpoint_every_steps': Field(500, 'a checkpoint every N steps (and '

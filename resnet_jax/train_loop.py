@@ -20,7 +20,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from resnet_jax import checkpointing, config as config_lib, metric_writers
-from resnet_jax import run_setup
+from resnet_jax import profiling, run_setup
 from resnet_jax.errors import UserError
 
 
@@ -151,6 +151,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   window_rate = _Rate(step, c.data.batch_size)
   epoch_rate = _Rate(step, c.data.batch_size)
   checked = step  # the train sums of steps up to here were finite
+  profiler = profiling.StepProfiler(workdir, c.run.profile_start_step,
+                                    c.run.profile_num_steps, enabled=lead)
 
   def save(metrics=None):
     nonlocal saved, checked
@@ -163,8 +165,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   try:
     batches = run.data.train_batches(step)
     while step < steps.total:
-      state = train_fn(state, next(batches))
+      with profiler.step(step + 1, state):
+        state = train_fn(state, next(batches))
       step += 1
+      profiler.step_done(step, state)
       evaluated = None
 
       if steps.is_log(step):
@@ -209,6 +213,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         raise Preempted(step, stop.signum)
     save()
   finally:
+    profiler.stop()
     stop.restore()
     ckpt.close()
     writer.close()
