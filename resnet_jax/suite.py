@@ -112,7 +112,10 @@ def _run(cmd: list[str], log_path: str, timeout: float) -> dict[str, Any]:
     tail = [line.rstrip() for line in log.readlines()[-15:]]
   result = {'command': ' '.join(cmd), 'seconds': round(seconds, 1),
             'log': log_path}
-  if code != 0:
+  if code == 'timeout':
+    result.update(status='failed', returncode=code,
+                  error=f'timed out after {timeout:g} s (--stage_timeout)')
+  elif code != 0:
     errors = [line for line in tail if line.startswith('error:')]
     result.update(status='failed', returncode=code,
                   error=(errors or tail or ['(no output)'])[-1])
