@@ -1,7 +1,7 @@
 """Train-step throughput of the same ResNets in PyTorch (CPU) and JAX, side by side.
 
   python -m resnet_jax.pytorch_compare [--models=d2l_resnet18,resnet18,cifar_resnet20]
-      [--impls=xla,patches] [--steps=3] [--rounds=3] [--threads=2] [--notorch]
+      [--impls=auto,xla] [--steps=3] [--rounds=5] [--threads=2] [--notorch]
 
 Optional: torch is not a dependency of resnet_jax; install it into the venv
 first (`pip install -r requirements-torch.txt`, a CPU-capable build), or
@@ -10,14 +10,19 @@ pass --notorch to time the JAX implementations only.
 One train step = forward + backward + SGD-momentum update in float32, with
 BatchNorm in training mode and a softmax cross-entropy loss; PyTorch runs in
 channels_last, JAX in NHWC with every conv implementation of --impls
-(models from `resnet_jax.models.create_model`). Everything is compiled /
-warmed up first; then --rounds rounds each time --steps steps of every
-framework in turn (so a disturbance from other processes on the shared cores
-hits all of them alike), and the median step time over all rounds gives
-images/s. Results are made ready (jax.block_until_ready / a synchronous
-PyTorch CPU step) before the clock stops. `conv.configure_cpu_malloc` is
-applied once for the whole process, so both frameworks get the same
-allocator.
+(models from `resnet_jax.models.create_model`).
+
+Each framework (and each JAX implementation) runs in **its own process**: in
+one process each framework's idle thread pool slows the other (PyTorch's
+ResNet-18 at 32x32 measured 489 images/s inside one script, 675 alone). For
+each model the workers start one after another and compile / warm up; then
+in each of --rounds rounds every worker in turn times --steps steps while
+the others wait blocked on a pipe, with a pause between turns so that
+spinning threads go to sleep; the median step time over all rounds gives
+images/s. Alternating spreads a disturbance from other processes over all
+of them alike. Results are made ready (jax.block_until_ready / a synchronous
+PyTorch CPU step) before the clock stops. Every worker applies
+`conv.configure_cpu_malloc`, so both frameworks get the same allocator.
 
 Inputs: d2l_resnet18 at 96x96x1 batch 256 (the textbook model), resnet18 and
 cifar_resnet20 at 32x32x3 batch 128. The measured figures, with date and
@@ -27,6 +32,10 @@ machine, are in README.md, Performance.
 from __future__ import annotations
 
 import functools
+import json
+import os
+import subprocess
+import sys
 import time
 
 from absl import flags
@@ -43,18 +52,7 @@ SETUPS = {
     'resnet18': ((32, 32, 3), 128),
     'cifar_resnet20': ((32, 32, 3), 128),
 }
-
-_MODELS = flags.DEFINE_string(
-    'models', ','.join(SETUPS),
-    f'Comma-separated models to time: {", ".join(SETUPS)}.')
-_IMPLS = flags.DEFINE_string(
-    'impls', 'xla,patches',
-    f'Comma-separated JAX conv implementations: {", ".join(conv.CONV_IMPLS)}.')
-_STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps per round.')
-_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Rounds (frameworks take turns).')
-_THREADS = flags.DEFINE_integer('threads', 2, 'torch.set_num_threads.')
-_TORCH = flags.DEFINE_boolean('torch', True, 'Time PyTorch too (--notorch: '
-                              'JAX only, no torch install needed).')
+PAUSE_S = 1.0  # between turns: idle OpenMP / XLA pool threads stop spinning
 
 
 # ----------------------------------------------------------------------------- PyTorch
@@ -172,23 +170,23 @@ def jax_stepper(name: str, shape, batch: int, impl: str):
   return step
 
 
-def _names(flag, what: str, choices) -> list[str]:
-  names = [n.strip() for n in flag.value.split(',') if n.strip()]
+def _names(value: str, flag: str, what: str, choices) -> list[str]:
+  names = [n.strip() for n in value.split(',') if n.strip()]
   unknown = [n for n in names if n not in choices]
   if unknown or not names:
-    raise UserError(f'--{flag.name}: unknown {what} '
+    raise UserError(f'--{flag}: unknown {what} '
                     f'{", ".join(unknown) or "(none given)"}; choose from '
                     f'{",".join(choices)} (comma-separated)')
   return names
 
 
-def _check_flags() -> tuple[list[str], list[str]]:
-  names = _names(_MODELS, 'model', tuple(SETUPS))
-  impls = _names(_IMPLS, 'conv implementation', conv.CONV_IMPLS)
-  for flag in (_STEPS, _ROUNDS, _THREADS):
-    if flag.value < 1:
-      raise UserError(f'--{flag.name}={flag.value}: give 1 or more')
-  if _TORCH.value:
+def _check_flags(f) -> tuple[list[str], list[str]]:
+  names = _names(f.models, 'models', 'model', tuple(SETUPS))
+  impls = _names(f.impls, 'impls', 'conv implementation', conv.CONV_IMPLS)
+  for flag in ('steps', 'rounds', 'threads'):
+    if getattr(f, flag) < 1:
+      raise UserError(f'--{flag}={getattr(f, flag)}: give 1 or more')
+  if f.torch:
     try:
       import torch  # pylint: disable=g-import-not-at-top,unused-import
     except ImportError as e:
@@ -199,36 +197,102 @@ def _check_flags() -> tuple[list[str], list[str]]:
   return names, impls
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  names, impls = _check_flags()
-  # Applied once for the whole process, so both frameworks get the same allocator.
-  conv.configure_cpu_malloc()
-  if _TORCH.value:
-    import torch  # pylint: disable=g-import-not-at-top
-    torch.set_num_threads(_THREADS.value)
-    print(f'torch {torch.__version__} threads {torch.get_num_threads()}; ', end='')
-  print(f'jax {jax.__version__} backend {jax.default_backend()}')
+# ----------------------------------------------------------------------------- processes
 
-  for name in names:
-    shape, batch = SETUPS[name]
-    steppers = {}
-    if _TORCH.value:
-      steppers['torch'] = torch_stepper(name, shape, batch)
-    for impl in impls:
-      steppers[f'jax-{impl}'] = jax_stepper(name, shape, batch, impl)
-    times = {k: [] for k in steppers}
-    for label, step in steppers.items():  # Compile / warm up.
+
+def worker(label: str, name: str, steps: int, threads: int) -> None:
+  """One framework in this process: warm up, then time `steps` steps each
+  time a line 'run' arrives on stdin; one JSON line per answer."""
+  conv.configure_cpu_malloc()
+  shape, batch = SETUPS[name]
+  t = time.perf_counter()
+  if label == 'torch':
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(threads)
+    step = torch_stepper(name, shape, batch)
+    version = f'torch {torch.__version__} ({torch.get_num_threads()} threads)'
+  else:
+    step = jax_stepper(name, shape, batch, label.removeprefix('jax-'))
+    version = f'jax {jax.__version__} ({jax.default_backend()})'
+  step()
+  step()
+  print(json.dumps({'ready': time.perf_counter() - t, 'version': version}),
+        flush=True)
+  for line in sys.stdin:
+    if line.strip() != 'run':
+      break
+    times = []
+    for _ in range(steps):
       t = time.perf_counter()
       step()
-      step()
-      print(f'  {name} {label}: warm-up {time.perf_counter() - t:.1f} s', flush=True)
-    for _ in range(_ROUNDS.value):
-      for label, step in steppers.items():
-        for _ in range(_STEPS.value):
-          t = time.perf_counter()
-          step()
-          times[label].append(time.perf_counter() - t)
+      times.append(time.perf_counter() - t)
+    print(json.dumps({'times': times}), flush=True)
+
+
+class _Worker:
+  """A worker process and its pipe."""
+
+  def __init__(self, label: str, name: str, steps: int, threads: int):
+    self.label = label
+    self.proc = subprocess.Popen(
+        [sys.executable, '-m', 'resnet_jax.pytorch_compare',
+         f'--worker={label}', f'--models={name}', f'--steps={steps}',
+         f'--threads={threads}'],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+    self.hello = self._read()
+
+  def _read(self) -> dict:
+    line = self.proc.stdout.readline()
+    if not line:
+      code = self.proc.wait()
+      raise UserError(f'the {self.label} worker exited with code {code} '
+                      '(its error is above)')
+    return json.loads(line)
+
+  def run(self) -> list[float]:
+    self.proc.stdin.write('run\n')
+    self.proc.stdin.flush()
+    return self._read()['times']
+
+  def close(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.stdin.close()
+      self.proc.wait(timeout=60)
+
+
+def compare(name: str, labels: list[str], steps: int, rounds: int,
+            threads: int) -> dict[str, list[float]]:
+  """Step times of each label for `name`, frameworks taking turns."""
+  workers = []
+  try:
+    for label in labels:  # one at a time: compilation does not overlap
+      workers.append(_Worker(label, name, steps, threads))
+      print(f'  {name} {label}: {workers[-1].hello["version"]}, warm-up '
+            f'{workers[-1].hello["ready"]:.1f} s', flush=True)
+    times = {w.label: [] for w in workers}
+    for _ in range(rounds):
+      for w in workers:
+        time.sleep(PAUSE_S)
+        times[w.label] += w.run()
+    return times
+  finally:
+    for w in workers:
+      w.close()
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  f = flags.FLAGS
+  if f.worker:
+    worker(f.worker, f.models, f.steps, f.threads)
+    return
+  names, impls = _check_flags(f)
+  labels = (['torch'] if f.torch else []) + [f'jax-{i}' for i in impls]
+  print(f'each in its own process, {f.rounds} rounds of {f.steps} steps')
+  for name in names:
+    shape, batch = SETUPS[name]
+    times = compare(name, labels, f.steps, f.rounds, f.threads)
     print(f'{name} {shape[0]}x{shape[1]}x{shape[2]} batch {batch}:')
     rate = {k: batch / float(np.median(v)) for k, v in times.items()}
     for label, r in rate.items():
@@ -238,5 +302,22 @@ def main(argv: list[str]) -> None:
             f'p10-p90 {spread[0] * 1e3:.0f}-{spread[1] * 1e3:.0f} ms){ratio}', flush=True)
 
 
+def _define_flags() -> None:
+  flags.DEFINE_string(
+      'models', ','.join(SETUPS),
+      f'Comma-separated models to time: {", ".join(SETUPS)}.')
+  flags.DEFINE_string(
+      'impls', 'auto,xla',
+      f'Comma-separated JAX conv implementations: {", ".join(conv.CONV_IMPLS)}.')
+  flags.DEFINE_integer('steps', 3, 'Timed steps per turn.')
+  flags.DEFINE_integer('rounds', 5, 'Rounds (frameworks take turns).')
+  flags.DEFINE_integer('threads', 2, 'torch.set_num_threads.')
+  flags.DEFINE_boolean('torch', True, 'Time PyTorch too (--notorch: JAX '
+                       'only, no torch install needed).')
+  flags.DEFINE_string('worker', None, 'Internal: run one framework (torch or '
+                      'jax-IMPL) as a worker process for --models.')
+
+
 if __name__ == '__main__':
+  _define_flags()
   cli.run(main)
