@@ -47,6 +47,7 @@ class ResNet(nn.Module):
     zero_init_residual: start the last norm (or conv) of each branch at zero.
     block_kwargs: extra fields for every block (groups, shortcut, ...).
     conv: the convolution module (nn.Conv or a faster drop-in).
+    max_pool: the stem's max-pool (nn.max_pool or pooling.max_pool).
     dtype: compute dtype; parameters stay in `param_dtype`.
     bn_momentum, bn_epsilon: in Flax's convention (PyTorch's 0.1 is 0.9 here).
   """
@@ -61,6 +62,7 @@ class ResNet(nn.Module):
   zero_init_residual: bool = False
   block_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
   conv: ModuleDef = nn.Conv
+  max_pool: Callable[..., jax.Array] = nn.max_pool
   act: Callable[[jax.Array], jax.Array] = nn.relu
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -77,8 +79,10 @@ class ResNet(nn.Module):
                              param_dtype=self.param_dtype)
     layers = dict(conv=conv, norm=norm, act=self.act)
     x = jnp.asarray(x, self.dtype)
+    pooled = ({'pool': self.max_pool}
+              if 'pool' in self.stem_cls.__dataclass_fields__ else {})
     x = self.stem_cls(self.stem_width, preact=self.preact, name='stem',
-                      **layers)(x, train)
+                      **layers, **pooled)(x, train)
     for i, (num_blocks, width) in enumerate(
         zip(self.stage_sizes, self.stage_widths)):
       for j in range(num_blocks):
@@ -212,8 +216,10 @@ def create_model(name: str, num_classes: int | None = None, *,
   if stage_sizes is not None:
     fields['stage_sizes'] = tuple(stage_sizes)
   if conv_impl != 'xla':
-    from resnet_jax import conv  # pylint: disable=g-import-not-at-top
+    from resnet_jax import conv, pooling  # pylint: disable=g-import-not-at-top
     fields['conv'] = conv.get_conv(conv_impl)
+    if fields['conv'] is not nn.Conv:  # a CPU path: its max-pool gradient too
+      fields['max_pool'] = pooling.max_pool
   fields.update(overrides)
   return ResNet(num_classes=num_classes or entry.num_classes,
                 dtype=_DTYPES.get(dtype, dtype), **fields)
