@@ -2,7 +2,8 @@
 
 A checkpoint is a step folder `<workdir>/checkpoints/<step>/` with two items:
 `state` (the whole TrainState: params, batch_stats, optimizer state, step,
-RNG key data and the running sums of the training metrics) and `meta` (JSON:
+RNG key data, the running sums of the training metrics and, when the run
+keeps one, the EMA model) and `meta` (JSON:
 the step and, if the step was evaluated, its evaluation metrics). The run's
 config is the workdir's config.json. Orbax writes a step into a temporary
 folder and renames it when complete, so a kill during an (asynchronous) save
@@ -109,9 +110,11 @@ class Checkpointer:
     raise UserError(f'no readable checkpoint in {self.directory} (tried steps '
                     f'{errors}); start a new workdir or fix the files')
 
-  def restore_variables(self, step: int | None = None) -> tuple[dict, dict]:
+  def restore_variables(self, step: int | None = None, weights: str = 'raw'
+                        ) -> tuple[dict, dict]:
     """params and batch_stats on this host's first device, whatever device
-    count wrote them (for warm starts, prediction and export)."""
+    count wrote them (for warm starts, prediction and export): the trained
+    ones ('raw') or the EMA model's ('ema')."""
     steps = self.all_steps()
     if not steps:
       raise UserError(f'no checkpoint in {self.directory}')
@@ -120,6 +123,12 @@ class Checkpointer:
       raise UserError(f'no checkpoint at step {s} in {self.directory}; '
                       f'available: {steps}')
     state, meta = self.restore_raw(s)
+    if weights == 'ema':
+      if not state.get('ema'):
+        raise UserError(f'the checkpoint at step {s} in {self.directory} has '
+                        'no EMA weights (its run had optim.ema_decay=0); use '
+                        'the raw weights')
+      state = state['ema']
     variables = {'params': state['params'],
                  'batch_stats': state.get('batch_stats', {})}
     return variables, meta
