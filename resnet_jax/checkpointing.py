@@ -92,7 +92,9 @@ class Checkpointer:
     if not candidates:
       raise UserError(f'no checkpoint in {self.directory}')
     template = serialization.to_state_dict(target)
-    check_compatible(self._read_shapes(candidates[0]) or {}, template)
+    stored = self._read_shapes(candidates[0]) or {}
+    check_compatible(stored, template)
+    check_same_sums(stored, template, self.directory)
     errors = []
     for s in candidates:
       try:
@@ -180,6 +182,21 @@ def check_compatible(stored: dict[str, Any], expected: dict[str, Any],
         raise UserError(f'checkpoint does not fit the model: {path} '
                         f'{tuple(have[path])} is in the checkpoint but not in '
                         'the model (another architecture?)')
+
+
+def check_same_sums(stored: dict[str, Any], expected: dict[str, Any],
+                    directory: str) -> None:
+  """Raises UserError when the checkpoint keeps other running sums of the
+  training metrics than this version's train step (e.g. one written before
+  the parameter and update norms were added)."""
+  have = set((stored.get('metric_sums') or {}).get('window') or {})
+  want = set(expected['metric_sums']['window'])
+  if have and have != want:
+    raise UserError(
+        f'the checkpoints in {directory} were written by another version of '
+        f'resnet_jax (metric sums {sorted(have)}; this version keeps '
+        f'{sorted(want)}); resume with that version, or train in a new '
+        'workdir (--config.run.init_from=OLD_WORKDIR starts from its weights)')
 
 
 def _flatten(tree: Any, prefix: str) -> dict[str, tuple[int, ...]]:

@@ -20,7 +20,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from resnet_jax import checkpointing, config as config_lib, metric_writers
-from resnet_jax import run_setup
+from resnet_jax import run_setup, wandb_sink
 from resnet_jax.errors import UserError
 
 
@@ -144,6 +144,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   c, steps = run.config, run.steps
   lead = jax.process_index() == 0
   if lead:
+    if c.run.wandb_project:
+      wandb_sink.check_installed()  # before any work: one line if missing
     config_lib.write(workdir, c)
   split = run.data.eval_splits[0]  # evaluated each time; selects the best
   ckpt = checkpointing.Checkpointer(workdir, keep=c.run.keep_checkpoints,

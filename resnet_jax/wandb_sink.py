@@ -13,13 +13,20 @@ already there (W&B's own step counter only increases, so the training step
 cannot be W&B's step).
 """
 
+import json
 import os
 import uuid
 from typing import Any
 
+from resnet_jax import config as config_lib
 from resnet_jax.errors import UserError
 
 RUN_ID_FILE = 'wandb_run_id.txt'
+
+
+def check_installed() -> None:
+  """Raises the one-line UserError when the wandb package is missing."""
+  _import_wandb()
 
 
 def _import_wandb():
@@ -54,7 +61,7 @@ class WandbSink:
     self._run = wandb.init(
         project=project, id=run_id(workdir), resume='allow',
         name=os.path.basename(os.path.abspath(workdir)),
-        dir=workdir, config=config.to_dict())
+        dir=workdir, config=json.loads(config_lib.to_json(config)))
     self._run.define_metric('step')
     self._run.define_metric('*', step_metric='step')
 
