@@ -288,6 +288,31 @@ def test_ema_is_evaluated_beside_the_raw_weights(featured, capsys):
   assert predictor.Predictor(str(workdir)).weights == 'raw'  # the run's
 
 
+def test_a_warm_start_starts_the_ema_at_the_loaded_weights(featured):
+  from resnet_jax import run_setup  # pylint: disable=g-import-not-at-top
+  config, workdir, _, _ = featured
+  config = config.copy_and_resolve_references()
+  config.run.init_from, config.run.wandb_project = f'{workdir}:8', None
+  run = run_setup.build(config)
+  state = run_setup.warm_start(run, run_setup.init_state(run))
+  source, _ = checkpointing.Checkpointer(
+      str(workdir), read_only=True, async_save=False).restore_variables(8)
+  assert_trees_close(state.ema, source, rtol=0, atol=0)
+  assert_trees_close(state.params, source['params'], rtol=0, atol=0)
+  # Buffers of its own: the train step donates the state.
+  assert all(a is not b for a, b in zip(jax.tree.leaves(state.ema['params']),
+                                        jax.tree.leaves(state.params)))
+
+
+def test_epoch_line_shows_the_ema_models_accuracy():
+  record = {'epoch': 3, 'train_loss': 0.25, 'train_accuracy': 0.9,
+            'val_accuracy': 0.87, 'ema_val_accuracy': 0.881,
+            'examples_per_sec': 100.0}
+  assert train_loop.epoch_line(record, 'val') == (
+      'epoch 3: loss 0.250, train acc 0.900, val acc 0.870, ema val acc '
+      '0.881, 100.0 examples/sec')
+
+
 def test_resuming_with_the_ema_turned_off_is_refused(featured):
   config, workdir, _, _ = featured
   config = config.copy_and_resolve_references()
