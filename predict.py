@@ -1,4 +1,6 @@
-"""Top-5 classes of image files: python predict.py --workdir=DIR [--step=N] [--weights=ema] IMAGE...
+"""Top-5 classes of image files:
+
+    python predict.py --workdir=DIR [--step=N] [--weights=raw|ema] IMAGE...
 
 DIR is a training workdir or a directory written by
 `python -m resnet_jax.convert`: its config.json names the network and the

@@ -106,8 +106,9 @@ def _train_sums(state, name: str, first: int, last: int) -> dict[str, float]:
   s = {k: float(v) for k, v in jax.device_get(state.metric_sums[name]).items()}
   if not all(math.isfinite(s[k]) for k in ('loss_sum',) + _NORM_SUMS):
     raise NonFiniteError(
-        f'non-finite loss, gradient or weights in steps {first}-{last} (loss sum '
-        f'{s["loss_sum"]}, gradient norm sum {s["grad_norm_sum"]}); nothing '
+        f'non-finite loss, gradient or weights in steps {first}-{last} '
+        f'(loss sum {s["loss_sum"]}, gradient norm sum {s["grad_norm_sum"]}, '
+        f'parameter norm sum {s["param_norm_sum"]}); nothing '
         'after the last checkpoint was saved: lower --config.optim.'
         'learning_rate or set --config.optim.grad_clip_norm')
   count = max(s['count'], 1.0)
@@ -148,9 +149,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
       wandb_sink.check_installed()  # before any work: one line if missing
     config_lib.write(workdir, c)
   split = run.data.eval_splits[0]  # evaluated each time; selects the best
+  best = f'{metric_prefix(c.run.eval_weights)}{split}_accuracy'
   ckpt = checkpointing.Checkpointer(workdir, keep=c.run.keep_checkpoints,
-                                    best_metric=f'{metric_prefix(c.run.eval_weights)}'
-                                    f'{split}_accuracy')
+                                    best_metric=best)
   state = run_setup.init_state(run)
   final: dict[str, float] = {}
   if ckpt.all_steps():

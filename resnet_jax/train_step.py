@@ -215,9 +215,9 @@ def eval_step(state: TrainState, batch: Batch, weights: str = 'raw', *,
 
 def jit_steps(replicated: jax.sharding.Sharding,
               batch_sharded: jax.sharding.Sharding, *, preprocess: Preprocess,
-              eval_preprocess: Preprocess, num_classes: int, steps: Steps, label_smoothing: float = 0.0,
-              grad_accum_steps: int = 1, ema_decay: float = 0.0,
-              ema_warmup: bool = False):
+              eval_preprocess: Preprocess, num_classes: int, steps: Steps,
+              label_smoothing: float = 0.0, grad_accum_steps: int = 1,
+              ema_decay: float = 0.0, ema_warmup: bool = False):
   """The train step (state donated) and the eval step (a third argument
   'ema' evaluates the EMA model), compiled for the mesh: state and metrics
   replicated, batches split along the data axis."""
