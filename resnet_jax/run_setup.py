@@ -126,10 +126,10 @@ def warm_start(run: Run, state: train_step.TrainState) -> train_step.TrainState:
   logging.info('initialised params and batch_stats from %s', init_from)
   state = state.replace(params=loaded['params'],
                         batch_stats=loaded['batch_stats'])
-  # The EMA starts at the warm start, as it starts at a fresh init.
-  return state.replace(ema=jax.jit(
-      train_step.copy_variables, out_shardings=run.replicated)(state)
-                       if state.ema is not None else None)
+  if state.ema is not None:  # the EMA starts here, as at a fresh init
+    state = state.replace(ema=jax.jit(
+        train_step.copy_variables, out_shardings=run.replicated)(state))
+  return state
 
 
 def _keep_new_head_if_resized(loaded: dict, current: dict) -> dict:
