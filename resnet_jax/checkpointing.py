@@ -2,7 +2,8 @@
 
 A checkpoint is a step folder `<workdir>/checkpoints/<step>/` with two items:
 `state` (the whole TrainState: params, batch_stats, optimizer state, step,
-RNG key data and the running sums of the training metrics) and `meta` (JSON:
+RNG key data, the running sums of the training metrics and, when the run
+keeps one, the EMA model) and `meta` (JSON:
 the step and, if the step was evaluated, its evaluation metrics). The run's
 config is the workdir's config.json. Orbax writes a step into a temporary
 folder and renames it when complete, so a kill during an (asynchronous) save
@@ -91,7 +92,9 @@ class Checkpointer:
     if not candidates:
       raise UserError(f'no checkpoint in {self.directory}')
     template = serialization.to_state_dict(target)
-    check_compatible(self._read_shapes(candidates[0]) or {}, template)
+    stored = self._read_shapes(candidates[0]) or {}
+    check_compatible(stored, template)
+    check_same_sums(stored, template, self.directory)
     errors = []
     for s in candidates:
       try:
@@ -109,9 +112,11 @@ class Checkpointer:
     raise UserError(f'no readable checkpoint in {self.directory} (tried steps '
                     f'{errors}); start a new workdir or fix the files')
 
-  def restore_variables(self, step: int | None = None) -> tuple[dict, dict]:
+  def restore_variables(self, step: int | None = None, weights: str = 'raw'
+                        ) -> tuple[dict, dict]:
     """params and batch_stats on this host's first device, whatever device
-    count wrote them (for warm starts, prediction and export)."""
+    count wrote them (for warm starts, prediction and export): the trained
+    ones ('raw') or the EMA model's ('ema')."""
     steps = self.all_steps()
     if not steps:
       raise UserError(f'no checkpoint in {self.directory}')
@@ -120,6 +125,12 @@ class Checkpointer:
       raise UserError(f'no checkpoint at step {s} in {self.directory}; '
                       f'available: {steps}')
     state, meta = self.restore_raw(s)
+    if weights == 'ema':
+      if not state.get('ema'):
+        raise UserError(f'the checkpoint at step {s} in {self.directory} has '
+                        'no EMA weights (its run had optim.ema_decay=0); use '
+                        'the raw weights')
+      state = state['ema']
     variables = {'params': state['params'],
                  'batch_stats': state.get('batch_stats', {})}
     return variables, meta
@@ -171,6 +182,21 @@ def check_compatible(stored: dict[str, Any], expected: dict[str, Any],
         raise UserError(f'checkpoint does not fit the model: {path} '
                         f'{tuple(have[path])} is in the checkpoint but not in '
                         'the model (another architecture?)')
+
+
+def check_same_sums(stored: dict[str, Any], expected: dict[str, Any],
+                    directory: str) -> None:
+  """Raises UserError when the checkpoint keeps other running sums of the
+  training metrics than this version's train step (e.g. one written before
+  the parameter and update norms were added)."""
+  have = set((stored.get('metric_sums') or {}).get('window') or {})
+  want = set(expected['metric_sums']['window'])
+  if have and have != want:
+    raise UserError(
+        f'the checkpoints in {directory} were written by another version of '
+        f'resnet_jax (metric sums {sorted(have)}; this version keeps '
+        f'{sorted(want)}); resume with that version, or train in a new '
+        'workdir (--config.run.init_from=OLD_WORKDIR starts from its weights)')
 
 
 def _flatten(tree: Any, prefix: str) -> dict[str, tuple[int, ...]]:

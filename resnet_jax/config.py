@@ -88,6 +88,7 @@ OPTIMIZERS = ('sgd', 'adamw')
 SCHEDULES = ('constant', 'piecewise', 'cosine')
 MODES = ('train', 'eval')
 DTYPES = ('float32', 'bfloat16')
+EVAL_WEIGHTS = ('raw', 'ema')
 
 SCHEMA: dict[str, dict[str, Field]] = {
     'model': {
@@ -171,6 +172,18 @@ SCHEMA: dict[str, dict[str, Field]] = {
         'lr_scales': Field((), 'piecewise: the factors, one per boundary',
                            tuple, lambda v: all(s > 0 for s in v),
                            valid='positive factors'),
+        'ema_decay': Field(0.0, 'keep an exponential moving average of the '
+                           'weights (and BatchNorm statistics) with this '
+                           'decay per update, evaluated beside them; 0: none',
+                           **_unit_interval(closed_right=False)),
+        'ema_warmup': Field(False, 'EMA decay min(ema_decay, (1+t)/(10+t)) '
+                            'after t updates (as TensorFlow\'s '
+                            'ExponentialMovingAverage), so the average soon '
+                            'forgets the initial weights', bool),
+        'grad_accum_steps': Field(1, 'split each batch into this many '
+                                  'micro-batches whose gradients are summed '
+                                  'into one update (BatchNorm statistics are '
+                                  'per micro-batch); 1: none', **_positive()),
     },
     'run': {
         'num_epochs': Field(7.0, 'length of training in epochs',
@@ -205,6 +218,13 @@ SCHEMA: dict[str, dict[str, Field]] = {
                            'of another workdir or converted weights '
                            '(DIR or DIR:STEP)', str, optional=True),
         'progress_bar': Field(True, 'a progress bar on a terminal', bool),
+        'eval_weights': Field('raw', "the weights eval mode and predict.py "
+                              "use and the best checkpoint is chosen by: raw "
+                              "(trained) or ema (needs optim.ema_decay > 0)",
+                              **_one_of(*EVAL_WEIGHTS)),
+        'wandb_project': Field(None, 'also log the metrics to this Weights & '
+                               'Biases project (needs the wandb package); '
+                               'unset: no W&B', str, optional=True),
     },
 }
 
@@ -324,6 +344,13 @@ def _validate_together(config: Any) -> None:
     raise UserError(f'config fields optim.lr_boundaries/lr_scales are set but '
                     f'optim.schedule={o.schedule!r} does not use them; set '
                     "--config.optim.schedule=piecewise or clear them")
+  if d.batch_size % o.grad_accum_steps:
+    raise UserError(f'config field data.batch_size={d.batch_size} does not '
+                    f'divide into optim.grad_accum_steps={o.grad_accum_steps} '
+                    'equal micro-batches; use a multiple')
+  if config.run.eval_weights == 'ema' and not o.ema_decay:
+    raise UserError("config field run.eval_weights='ema' needs an EMA: set "
+                    '--config.optim.ema_decay (e.g. 0.999)')
   spec = datasets.get(d.dataset)
   if spec.storage == 'stream':
     if d.image_size is None:

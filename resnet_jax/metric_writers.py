@@ -1,5 +1,6 @@
 """What a run leaves for researchers: log lines, metrics.jsonl, TensorBoard
-event files and the textbook's learning-curve figure (curves.png).
+event files (and, optionally, a Weights & Biases run) and the textbook's
+learning-curve figure (curves.png).
 
 Only process 0 writes; the others get a writer that does nothing, so the
 training loop never asks which process it is.
@@ -15,15 +16,21 @@ from typing import Any
 import jax
 from absl import logging
 
+from resnet_jax import wandb_sink
+
 
 class MetricWriter:
-  """Appends one JSON record per logging step or epoch, mirrors to TensorBoard."""
+  """Appends one JSON record per logging step or epoch, mirrors to TensorBoard
+  and, when `wandb_project` is set, to Weights & Biases (`wandb_sink`)."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True,
+               wandb_project: str | None = None, config: Any = None):
     self.enabled = enabled
     self.path = os.path.join(workdir, 'metrics.jsonl')
-    self._tb = None
+    self._tb = self._wandb = None
     if enabled:
+      if wandb_project:
+        self._wandb = wandb_sink.WandbSink(workdir, wandb_project, config)
       self._tb = _tensorboard_writer(os.path.join(workdir, 'tensorboard'))
 
   def write(self, record: dict[str, Any]) -> None:
@@ -36,6 +43,8 @@ class MetricWriter:
       if key not in ('step', 'epoch') and isinstance(value, (int, float)):
         self._tb.add_scalar(key, float(value), step)
     self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.write(record)
 
   def truncate_after(self, step: int) -> None:
     """Drops records past `step`: a resumed run rewrites them exactly."""
@@ -51,6 +60,8 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.close()
 
 
 def _tensorboard_writer(logdir: str):

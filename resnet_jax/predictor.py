@@ -23,8 +23,10 @@ from resnet_jax.errors import UserError
 _BATCH = 32  # Images per forward pass.
 
 
-def restore_variables(workdir: str, step: int | None) -> dict[str, Any]:
-  """{'params', 'batch_stats'} of the checkpoint at `step` (default latest)."""
+def restore_variables(workdir: str, step: int | None, weights: str = 'raw'
+                      ) -> dict[str, Any]:
+  """{'params', 'batch_stats'} of the checkpoint at `step` (default latest),
+  the trained ('raw') or the EMA model's ('ema')."""
   if not os.path.isdir(os.path.join(workdir, checkpointing.CHECKPOINT_DIR)):
     raise UserError(f'no checkpoints/ folder in {workdir!r}; train first, or '
                     'convert weights with python -m resnet_jax.convert')
@@ -33,7 +35,7 @@ def restore_variables(workdir: str, step: int | None) -> dict[str, Any]:
     if not ckpt.all_steps():
       raise UserError(f'no checkpoint in {ckpt.directory}; train at least '
                       'until the first checkpoint is saved')
-    variables, _ = ckpt.restore_variables(step)
+    variables, _ = ckpt.restore_variables(step, weights)
   finally:
     ckpt.close()
   return variables
@@ -103,7 +105,9 @@ def load_image(path: str, spec: datasets.DatasetSpec,
 class Predictor:
   """A workdir's network, checkpoint and its dataset's preprocessing."""
 
-  def __init__(self, workdir: str, step: int | None = None):
+  def __init__(self, workdir: str, step: int | None = None,
+               weights: str | None = None):
+    """`weights`: 'raw' or 'ema'; unset: the run's `run.eval_weights`."""
     if not workdir:
       raise UserError('--workdir is required: a training workdir or a '
                       'directory written by python -m resnet_jax.convert')
@@ -111,7 +115,11 @@ class Predictor:
     self.spec = datasets.get(config.data.dataset)
     self.image_size = datasets.image_size(self.spec, config.data.image_size)
     self.model = models.from_config(config.model)
-    self.variables = restore_variables(workdir, step)
+    self.weights = weights or config.run.eval_weights
+    if self.weights not in config_lib.EVAL_WEIGHTS:
+      raise UserError(f'--weights={self.weights!r} is invalid: must be one of '
+                      + ', '.join(config_lib.EVAL_WEIGHTS))
+    self.variables = restore_variables(workdir, step, self.weights)
     self.names = class_names(self.spec, config.data.tfds_data_dir)
     self._probs = jax.jit(self._forward)
 

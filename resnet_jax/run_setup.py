@@ -62,7 +62,8 @@ def build(config: Any, load_data: Callable[[Any, jax.sharding.Mesh],
   model, durations and schedule."""
   config = resolve(config)
   mesh = sharding.make_mesh()
-  sharding.check_batch_size(config.data.batch_size, 'data.batch_size')
+  sharding.check_batch_size(config.data.batch_size, 'data.batch_size',
+                            config.optim.grad_accum_steps)
   sharding.check_batch_size(config.data.eval_batch_size,
                             'data.eval_batch_size')
   data = (load_data or device_data.load)(config, mesh)
@@ -95,7 +96,8 @@ def init_state(run: Run) -> train_step.TrainState:
         rng, jnp.zeros(shape, run.model.dtype), train=False))
     tx = optim.create_optimizer(run.config.optim, run.schedule,
                                 variables['params'])
-    return train_step.create_train_state(run.model, tx, rng, shape)
+    return train_step.create_train_state(
+        run.model, tx, rng, shape, ema=run.config.optim.ema_decay > 0)
 
   rng = jax.random.key(run.config.run.seed)
   return jax.jit(init, out_shardings=run.replicated)(rng)
@@ -122,8 +124,12 @@ def warm_start(run: Run, state: train_step.TrainState) -> train_step.TrainState:
       jax.tree.map(lambda x: tuple(x.shape), current))
   loaded = jax.device_put(loaded, run.replicated)
   logging.info('initialised params and batch_stats from %s', init_from)
-  return state.replace(params=loaded['params'],
-                       batch_stats=loaded['batch_stats'])
+  state = state.replace(params=loaded['params'],
+                        batch_stats=loaded['batch_stats'])
+  if state.ema is not None:  # the EMA starts here, as at a fresh init
+    state = state.replace(ema=jax.jit(
+        train_step.copy_variables, out_shardings=run.replicated)(state))
+  return state
 
 
 def _keep_new_head_if_resized(loaded: dict, current: dict) -> dict:
@@ -158,10 +164,13 @@ def compile_steps(run: Run):
   """The jitted train and eval steps of the run."""
   prep = device_data.make_preprocess(run.config, run.data.spec, run.image_size,
                                      run.model.dtype)
+  o = run.config.optim
   return train_step.jit_steps(
       run.replicated, sharding.batch_sharded(run.mesh), preprocess=prep.train,
       eval_preprocess=prep.eval, num_classes=run.config.model.num_classes,
-      steps=run.steps, label_smoothing=run.config.optim.label_smoothing)
+      steps=run.steps, label_smoothing=o.label_smoothing,
+      grad_accum_steps=o.grad_accum_steps, ema_decay=o.ema_decay,
+      ema_warmup=o.ema_warmup)
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -197,3 +206,12 @@ def check_same_run(config: Any, workdir: str) -> None:
           f'{workdir!r} holds a run with {path}={was!r}, but this command '
           f'asks for {path}={now!r}; resume with the same config, or train '
           'in a new workdir')
+  # The checkpoints hold an EMA model exactly when the run keeps one (its
+  # decay may change; turning it on or off may not).
+  was, now = recorded.optim.ema_decay, config.optim.ema_decay
+  if bool(was) != bool(now):
+    raise UserError(
+        f'{workdir!r} holds a run with optim.ema_decay={was!r}, but this '
+        f'command asks for optim.ema_decay={now!r}: its checkpoints '
+        f'{"hold" if was else "have no"} EMA weights; resume with the EMA '
+        f'{"on" if was else "off"}, or train in a new workdir')

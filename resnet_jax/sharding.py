@@ -72,14 +72,19 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def check_batch_size(batch_size: int, what: str = 'batch_size') -> None:
-  """A global batch must split evenly over devices and processes."""
+def check_batch_size(batch_size: int, what: str = 'batch_size',
+                     micro_batches: int = 1) -> None:
+  """A global batch must split evenly over devices and processes (each of
+  its `micro_batches` micro-batches, under gradient accumulation)."""
   devices = jax.device_count()
-  if batch_size <= 0 or batch_size % devices:
+  unit = devices * micro_batches
+  if batch_size <= 0 or batch_size % unit:
+    parts = (f'the {devices} devices' if micro_batches == 1 else
+             f'{micro_batches} micro-batches x {devices} devices')
     raise UserError(
-        f'{what}={batch_size} does not divide by the {devices} devices; '
-        f'use a multiple of {devices} (e.g. --config.{what}='
-        f'{max(devices, batch_size // devices * devices)})')
+        f'{what}={batch_size} does not divide by {parts}; '
+        f'use a multiple of {unit} (e.g. --config.{what}='
+        f'{max(unit, batch_size // unit * unit)})')
 
 
 def global_array_from_host(mesh: Mesh, global_value: np.ndarray,

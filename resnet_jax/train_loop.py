@@ -20,7 +20,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from resnet_jax import checkpointing, config as config_lib, metric_writers
-from resnet_jax import profiling, run_setup
+from resnet_jax import profiling, run_setup, wandb_sink
 from resnet_jax.errors import UserError
 
 
@@ -72,34 +72,54 @@ class _StopSignal:
       signal.signal(sig, handler)
 
 
-def evaluate(run: run_setup.Run, eval_fn, state, split: str
-             ) -> dict[str, float]:
+def evaluate(run: run_setup.Run, eval_fn, state, split: str,
+             weights: str = 'raw') -> dict[str, float]:
   """Loss and accuracy over every example of the named split exactly once,
-  under the split's name (`test_accuracy`, `val_loss`, ...)."""
+  under the split's name (`test_accuracy`, `val_loss`, ...), with the EMA
+  model's prefixed `ema_` (`ema_val_accuracy`)."""
   sums = {'loss_sum': 0.0, 'correct': 0.0, 'count': 0.0}
-  metrics = [eval_fn(state, b) for b in run.data.eval_batches(split)]
+  metrics = [eval_fn(state, b, weights)
+             for b in run.data.eval_batches(split)]
   for m in jax.device_get(metrics):
     for k in sums:
       sums[k] += float(m[k])
   count = max(sums['count'], 1.0)
-  return {f'{split}_loss': sums['loss_sum'] / count,
-          f'{split}_accuracy': sums['correct'] / count,
-          f'{split}_count': int(sums['count'])}
+  name = metric_prefix(weights) + split
+  return {f'{name}_loss': sums['loss_sum'] / count,
+          f'{name}_accuracy': sums['correct'] / count,
+          f'{name}_count': int(sums['count'])}
+
+
+def metric_prefix(weights: str) -> str:
+  """'' for the trained weights, 'ema_' for the EMA model's metrics."""
+  return 'ema_' if weights == 'ema' else ''
+
+
+# Per-step norms summed in the state: the global L2 norm of the gradient
+# (before clipping), of the parameters after the update and of the update.
+_NORM_SUMS = ('grad_norm_sum', 'param_norm_sum', 'update_norm_sum')
 
 
 def _train_sums(state, name: str, first: int, last: int) -> dict[str, float]:
   """The state's running sums `name` ('window' or 'epoch') as means; raises
-  when the steps first..last made the loss or gradient non-finite."""
+  when the steps first..last made the loss, gradient or weights non-finite."""
   s = {k: float(v) for k, v in jax.device_get(state.metric_sums[name]).items()}
-  if not (math.isfinite(s['loss_sum']) and math.isfinite(s['grad_norm_sum'])):
+  if not all(math.isfinite(s[k]) for k in ('loss_sum',) + _NORM_SUMS):
     raise NonFiniteError(
-        f'non-finite loss or gradient in steps {first}-{last} (loss sum '
-        f'{s["loss_sum"]}, gradient norm sum {s["grad_norm_sum"]}); nothing '
+        f'non-finite loss, gradient or weights in steps {first}-{last} '
+        f'(loss sum {s["loss_sum"]}, gradient norm sum {s["grad_norm_sum"]}, '
+        f'parameter norm sum {s["param_norm_sum"]}); nothing '
         'after the last checkpoint was saved: lower --config.optim.'
         'learning_rate or set --config.optim.grad_clip_norm')
   count = max(s['count'], 1.0)
   return {'loss': s['loss_sum'] / count, 'accuracy': s['correct'] / count,
-          'count': s['count'], 'grad_norm_sum': s['grad_norm_sum']}
+          'count': s['count'], **{k: s[k] for k in _NORM_SUMS}}
+
+
+def _norms(sums: dict[str, float], batch_size: int) -> dict[str, float]:
+  """Each norm's mean over the steps of the sums (`count` examples)."""
+  steps = max(sums['count'], 1.0) / batch_size
+  return {k[:-len('_sum')]: sums[k] / steps for k in _NORM_SUMS}
 
 
 class _Rate:
@@ -125,10 +145,13 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   c, steps = run.config, run.steps
   lead = jax.process_index() == 0
   if lead:
+    if c.run.wandb_project:
+      wandb_sink.check_installed()  # before any work: one line if missing
     config_lib.write(workdir, c)
   split = run.data.eval_splits[0]  # evaluated each time; selects the best
+  best = f'{metric_prefix(c.run.eval_weights)}{split}_accuracy'
   ckpt = checkpointing.Checkpointer(workdir, keep=c.run.keep_checkpoints,
-                                    best_metric=f'{split}_accuracy')
+                                    best_metric=best)
   state = run_setup.init_state(run)
   final: dict[str, float] = {}
   if ckpt.all_steps():
@@ -143,7 +166,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     logging.info('the run in %s already ended at step %d', workdir, step)
     return final
   train_fn, eval_fn = run_setup.compile_steps(run)
-  writer = metric_writers.MetricWriter(workdir, enabled=lead)
+  writer = metric_writers.MetricWriter(workdir, enabled=lead,
+                                      wandb_project=c.run.wandb_project,
+                                      config=c)
   writer.truncate_after(step)
   logging.info(run_setup.describe(run))
   progress = metric_writers.Progress(c.run.progress_bar)
@@ -177,8 +202,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         rate = window_rate(step)
         writer.write({'step': step, 'loss': w['loss'],
                       'accuracy': w['accuracy'],
-                      'grad_norm': w['grad_norm_sum'] * c.data.batch_size
-                                   / max(w['count'], 1.0),
+                      **_norms(w, c.data.batch_size),
                       'learning_rate': float(run.schedule(step - 1)),
                       'images_per_sec': rate})
         progress.update(math.ceil(steps.epoch(step)),
@@ -193,6 +217,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
                   'train_accuracy': epoch['accuracy'],
                   'examples_per_sec': epoch_rate(step)}
         evaluated = evaluate(run, eval_fn, state, split)
+        if state.ema is not None:
+          evaluated.update(evaluate(run, eval_fn, state, split, 'ema'))
         final = evaluated
         record.update(evaluated)
         progress.end_line()
@@ -226,18 +252,22 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
 
 def epoch_line(record: dict[str, float], split: str) -> str:
   """The textbook's line, naming the split it evaluated ('test acc', 'val
-  acc'); a run cut mid-epoch ends at a fractional epoch."""
+  acc') and, with an EMA, the EMA model's ('ema val acc'); a run cut
+  mid-epoch ends at a fractional epoch."""
   epoch = record['epoch']
   epoch_text = f'{epoch:.0f}' if epoch == int(epoch) else f'{epoch:.2f}'
+  ema = (f'ema {split} acc {record[f"ema_{split}_accuracy"]:.3f}, '
+         if f'ema_{split}_accuracy' in record else '')
   return (f'epoch {epoch_text}: loss {record["train_loss"]:.3f}, train acc '
           f'{record["train_accuracy"]:.3f}, {split} acc '
-          f'{record[f"{split}_accuracy"]:.3f}, '
+          f'{record[f"{split}_accuracy"]:.3f}, {ema}'
           f'{record["examples_per_sec"]:.1f} examples/sec')
 
 
 def evaluate_checkpoint(config: Any, workdir: str) -> dict[str, float]:
   """Every evaluation split's loss and accuracy for the latest (or
-  `run.eval_step`) checkpoint of `workdir`."""
+  `run.eval_step`) checkpoint of `workdir`, with the weights
+  `run.eval_weights` names (the EMA model's metrics are prefixed `ema_`)."""
   run = run_setup.build(config)
   run_setup.check_same_run(run.config, workdir)
   ckpt = checkpointing.Checkpointer(workdir, read_only=True, async_save=False)
@@ -247,13 +277,15 @@ def evaluate_checkpoint(config: Any, workdir: str) -> dict[str, float]:
   finally:
     ckpt.close()
   _, eval_fn = run_setup.compile_steps(run)
+  weights = run.config.run.eval_weights
   result = {'step': int(meta['step'])}
   for split in run.data.eval_splits:
-    metrics = evaluate(run, eval_fn, state, split)
+    metrics = evaluate(run, eval_fn, state, split, weights)
     result.update(metrics)
+    name = metric_prefix(weights) + split
     if jax.process_index() == 0:
-      print(f'step {result["step"]}: {split} loss '
-            f'{metrics[f"{split}_loss"]:.4f}, {split} acc '
-            f'{metrics[f"{split}_accuracy"]:.4f} over '
-            f'{metrics[f"{split}_count"]} examples', flush=True)
+      print(f'step {result["step"]}: {name.replace("_", " ")} loss '
+            f'{metrics[f"{name}_loss"]:.4f}, {name.replace("_", " ")} acc '
+            f'{metrics[f"{name}_accuracy"]:.4f} over '
+            f'{metrics[f"{name}_count"]} examples', flush=True)
   return result

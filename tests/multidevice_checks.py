@@ -87,6 +87,30 @@ def sharded_step() -> dict:
           'devices': jax.device_count()}
 
 
+def accumulated_step() -> dict:
+  """Two steps of 2 micro-batches on 8 devices against two of the whole
+  batch on 1, for a model without BatchNorm (test_recipe_features.Tiny)."""
+  assert jax.device_count() == 8, jax.devices()
+  from test_recipe_features import tiny_batches, tiny_state  # pylint: disable=g-import-not-at-top
+  params = {}
+  for n, k in ((1, 1), (8, 2)):
+    mesh = Mesh(np.array(jax.devices()[:n]), (sharding.DATA_AXIS,))
+    train_fn, _ = train_step.jit_steps(
+        sharding.replicated(mesh), sharding.batch_sharded(mesh),
+        preprocess=lambda images, key: images,
+        eval_preprocess=lambda images, key: images, num_classes=10,
+        steps=_STEPS, grad_accum_steps=k)
+    state = jax.device_put(tiny_state(bn=False), sharding.replicated(mesh))
+    for batch in tiny_batches(2, size=32):
+      state = train_fn(state, jax.device_put(batch,
+                                             sharding.batch_sharded(mesh)))
+    params[n] = jax.device_get(state.params)
+  return {'params_max_rel': max(
+      float(np.max(np.abs(x - y)) / (np.max(np.abs(x)) + 1e-12))
+      for x, y in zip(jax.tree.leaves(params[1]), jax.tree.leaves(params[8]))),
+          'devices': jax.device_count()}
+
+
 def restore_and_compare(workdir: str) -> dict:
   """Restores the latest checkpoint of `workdir` onto all local devices and
   compares every value with the raw arrays on disk."""

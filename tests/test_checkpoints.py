@@ -63,28 +63,35 @@ def _records(workdir):
           for l in lines]
 
 
+# The recipe features that add state: the weight EMA (warmed up) and
+# gradient accumulation (2 micro-batches of 16).
+FEATURES = ('--config.optim.ema_decay=0.9', '--config.optim.ema_warmup=True',
+            '--config.optim.grad_accum_steps=2')
+
+
 def test_resume_after_kills_and_sigterm_is_bitwise_identical(fake_data_dir,
                                                               tmp_path):
   ref, run = tmp_path / 'reference', tmp_path / 'interrupted'
-  out = subprocess.run(_cmd(ref, fake_data_dir), env=_env(),
+  out = subprocess.run(_cmd(ref, fake_data_dir, *FEATURES), env=_env(),
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   # Kill points: right after the first checkpoint, after the epoch boundary
   # (step 8, with its evaluation), then a preemption by SIGTERM.
   for step, sig in ((3, signal.SIGKILL), (9, signal.SIGKILL),
                     (15, signal.SIGTERM)):
-    code, _, err = _run_until(_cmd(run, fake_data_dir), run, step, sig)
+    code, _, err = _run_until(_cmd(run, fake_data_dir, *FEATURES), run,
+                              step, sig)
     if sig == signal.SIGTERM:
       assert code == 0, err[-3000:]  # a clean preemption for schedulers
       assert 'resume with the same command' in err
     else:
       assert code == -signal.SIGKILL
-  out = subprocess.run(_cmd(run, fake_data_dir), env=_env(),
+  out = subprocess.run(_cmd(run, fake_data_dir, *FEATURES), env=_env(),
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   a, b = _final_state(ref), _final_state(run)
   for section in ('params', 'batch_stats', 'opt_state', 'step', 'rng',
-                  'metric_sums'):
+                  'metric_sums', 'ema'):
     leaves_a = [np.asarray(x) for x in _leaves(a[section])]
     leaves_b = [np.asarray(x) for x in _leaves(b[section])]
     assert len(leaves_a) == len(leaves_b) > 0
