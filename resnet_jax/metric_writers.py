@@ -1,5 +1,6 @@
 """What a run leaves for researchers: log lines, metrics.jsonl, TensorBoard
-event files and the textbook's learning-curve figure (curves.png).
+event files (tensorboard_files.py) and the textbook's learning-curve figure
+(curves.png).
 
 Only process 0 writes; the others get a writer that does nothing, so the
 training loop never asks which process it is.
@@ -9,11 +10,12 @@ import json
 import os
 import sys
 import time
-import types
 from typing import Any
 
 import jax
 from absl import logging
+
+from resnet_jax import tensorboard_files
 
 
 class MetricWriter:
@@ -22,15 +24,16 @@ class MetricWriter:
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
     self.path = os.path.join(workdir, 'metrics.jsonl')
-    self._tb = None
-    if enabled:
-      self._tb = _tensorboard_writer(os.path.join(workdir, 'tensorboard'))
+    self.tb_dir = os.path.join(workdir, 'tensorboard')
+    self._tb = None  # opened by the first record, after `truncate_after`
 
   def write(self, record: dict[str, Any]) -> None:
     if not self.enabled:
       return
     with open(self.path, 'a', encoding='utf-8') as f:
       f.write(json.dumps(record, sort_keys=True) + '\n')
+    if self._tb is None:
+      self._tb = tensorboard_files.writer(self.tb_dir)
     step = int(record['step'])
     for key, value in record.items():
       if key not in ('step', 'epoch') and isinstance(value, (int, float)):
@@ -38,8 +41,12 @@ class MetricWriter:
     self._tb.flush()
 
   def truncate_after(self, step: int) -> None:
-    """Drops records past `step`: a resumed run rewrites them exactly."""
-    if not self.enabled or not os.path.exists(self.path):
+    """Drops records and TensorBoard events past `step`: a resumed run
+    rewrites them exactly."""
+    if not self.enabled:
+      return
+    tensorboard_files.keep_steps_up_to(self.tb_dir, step)
+    if not os.path.exists(self.path):
       return
     kept = [json.dumps(r, sort_keys=True) + '\n'
             for r in _parse_lines(self.path) if r['step'] <= step]
@@ -51,20 +58,6 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
-
-
-def _tensorboard_writer(logdir: str):
-  """TensorBoard's framework-free event writer.
-
-  TensorBoard's writer imports TensorFlow whenever it is installed (seconds
-  of start-up and gigabytes of address space in a training process that
-  never uses it), unless the module `tensorboard.compat.notf` exists, which
-  makes it take its own TF-free stub: that marker is registered here.
-  """
-  sys.modules.setdefault('tensorboard.compat.notf',
-                         types.ModuleType('tensorboard.compat.notf'))
-  from tensorboard.summary import Writer  # pylint: disable=g-import-not-at-top
-  return Writer(logdir)
 
 
 def read_records(workdir: str) -> list[dict[str, Any]]:
@@ -109,8 +102,10 @@ def plot_curves(workdir: str) -> str | None:
   ax.legend()
   fig.tight_layout()
   path = os.path.join(workdir, 'curves.png')
-  fig.savefig(path)
+  tmp = f'{path}.tmp'  # replaced whole: a kill never leaves half a figure
+  fig.savefig(tmp, format='png')
   plt.close(fig)
+  os.replace(tmp, path)
   return path
 
 
