@@ -20,7 +20,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from resnet_jax import checkpointing, config as config_lib, metric_writers
-from resnet_jax import run_setup
+from resnet_jax import run_setup, workdir_lock
 from resnet_jax.errors import UserError
 
 
@@ -118,30 +118,56 @@ class _Rate:
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) in `workdir`; returns the last evaluation's metrics."""
+  """Trains (or resumes) in `workdir`; returns the last evaluation's metrics.
+
+  The workdir is locked for the run (a second run on it stops at once). A
+  run that has already ended prints its result and writes nothing.
+  """
   run_setup.prepare_workdir(workdir)
+  with workdir_lock.held(workdir):
+    return _train(config, workdir)
+
+
+def _train(config: Any, workdir: str) -> dict[str, float]:
   run = run_setup.build(config)
   run_setup.check_same_run(run.config, workdir)
   c, steps = run.config, run.steps
   lead = jax.process_index() == 0
-  if lead:
-    config_lib.write(workdir, c)
   split = run.data.eval_splits[0]  # evaluated each time; selects the best
   ckpt = checkpointing.Checkpointer(workdir, keep=c.run.keep_checkpoints,
                                     best_metric=f'{split}_accuracy')
   state = run_setup.init_state(run)
   final: dict[str, float] = {}
-  if ckpt.all_steps():
-    state, meta = ckpt.restore(state, run.replicated)
-    final = meta.get('metrics') or {}
-    logging.info('resumed from step %d in %s', meta['step'], ckpt.directory)
-  elif c.run.init_from:
-    state = run_setup.warm_start(run, state)
-  step = saved = int(jax.device_get(state.step))
+  try:
+    if ckpt.all_steps():
+      state, meta = ckpt.restore(state, run.replicated)
+      final = meta.get('metrics') or {}
+      logging.info('resumed from step %d in %s', meta['step'], ckpt.directory)
+    elif c.run.init_from:
+      state = run_setup.warm_start(run, state)
+  except BaseException:
+    ckpt.close()
+    raise
+  step = int(jax.device_get(state.step))
   if step >= steps.total:
     ckpt.close()
-    logging.info('the run in %s already ended at step %d', workdir, step)
+    if lead:
+      print(ended_line(step, steps.epoch(step), final, split), flush=True)
     return final
+  if lead:
+    config_lib.write(workdir, c)
+  return _loop(run, workdir, ckpt, state, final)
+
+
+def _loop(run: run_setup.Run, workdir: str,
+          ckpt: checkpointing.Checkpointer, state, final: dict[str, float]
+          ) -> dict[str, float]:
+  """Steps from the state's step to the end, with every periodic action;
+  the curves are drawn before the last checkpoint, which marks the end."""
+  c, steps = run.config, run.steps
+  lead = jax.process_index() == 0
+  split = run.data.eval_splits[0]
+  step = saved = int(jax.device_get(state.step))
   train_fn, eval_fn = run_setup.compile_steps(run)
   writer = metric_writers.MetricWriter(workdir, enabled=lead)
   writer.truncate_after(step)
@@ -197,6 +223,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         writer.write(record)
         window_rate.restart(step)
 
+      if step == steps.total and lead:
+        path = metric_writers.plot_curves(workdir)
+        if path:
+          logging.info('learning curves: %s', path)
+
       if steps.is_checkpoint(step):
         save(evaluated)
 
@@ -212,22 +243,40 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     stop.restore()
     ckpt.close()
     writer.close()
-  if lead:
-    path = metric_writers.plot_curves(workdir)
-    if path:
-      logging.info('learning curves: %s', path)
   return final
+
+
+def ended_line(step: int, epoch: float, metrics: dict[str, float],
+               split: str) -> str:
+  """What the command of a run that has ended prints: its last checkpoint's
+  evaluation."""
+  where = f'the run ended at step {step} (epoch {_epochs(epoch)})'
+  hint = ('nothing trained or saved (a larger run.num_train_steps or '
+          'run.num_epochs continues it)')
+  if f'{split}_accuracy' not in metrics:
+    return (f'{where}; its last checkpoint holds no evaluation '
+            '(--config.run.mode=eval evaluates it); ' + hint)
+  return f'{where}: {split_result(metrics, split)}; {hint}'
+
+
+def split_result(metrics: dict[str, float], split: str) -> str:
+  return (f'{split} loss {metrics[f"{split}_loss"]:.4f}, {split} acc '
+          f'{metrics[f"{split}_accuracy"]:.4f} over '
+          f'{metrics[f"{split}_count"]} examples')
 
 
 def epoch_line(record: dict[str, float], split: str) -> str:
   """The textbook's line, naming the split it evaluated ('test acc', 'val
   acc'); a run cut mid-epoch ends at a fractional epoch."""
-  epoch = record['epoch']
-  epoch_text = f'{epoch:.0f}' if epoch == int(epoch) else f'{epoch:.2f}'
-  return (f'epoch {epoch_text}: loss {record["train_loss"]:.3f}, train acc '
+  return (f'epoch {_epochs(record["epoch"])}: loss '
+          f'{record["train_loss"]:.3f}, train acc '
           f'{record["train_accuracy"]:.3f}, {split} acc '
           f'{record[f"{split}_accuracy"]:.3f}, '
           f'{record["examples_per_sec"]:.1f} examples/sec')
+
+
+def _epochs(epoch: float) -> str:
+  return f'{epoch:.0f}' if epoch == int(epoch) else f'{epoch:.2f}'
 
 
 def evaluate_checkpoint(config: Any, workdir: str) -> dict[str, float]:
@@ -247,8 +296,6 @@ def evaluate_checkpoint(config: Any, workdir: str) -> dict[str, float]:
     metrics = evaluate(run, eval_fn, state, split)
     result.update(metrics)
     if jax.process_index() == 0:
-      print(f'step {result["step"]}: {split} loss '
-            f'{metrics[f"{split}_loss"]:.4f}, {split} acc '
-            f'{metrics[f"{split}_accuracy"]:.4f} over '
-            f'{metrics[f"{split}_count"]} examples', flush=True)
+      print(f'step {result["step"]}: {split_result(metrics, split)}',
+            flush=True)
   return result
