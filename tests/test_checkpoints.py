@@ -152,11 +152,13 @@ class _Attempt:
   def training(self) -> bool:
     return any(_progress_step(l) for l in self.lines[-50:])
 
-  def wait_for(self, condition, timeout=400) -> bool:
-    """Whether `condition` held before the run ended by itself."""
+  def wait_for(self, condition, timeout=400, at_most=None) -> bool:
+    """Whether `condition` held before the run ended by itself (or before
+    `at_most` seconds, when given)."""
     deadline = time.time() + timeout
+    limit = None if at_most is None else time.time() + at_most
     while self.proc.poll() is None:
-      if condition():
+      if condition() or (limit is not None and time.time() > limit):
         return True
       assert time.time() < deadline, '\n'.join(self.lines[-30:])
       time.sleep(0.002)
@@ -190,8 +192,9 @@ class _Attempt:
 
 def _trigger(attempt: _Attempt, kind: str, rng: random.Random) -> float:
   """Waits for the moment `kind` aims at; returns a random delay after it."""
-  if kind == 'start':
-    return rng.uniform(0.5, 5.0)
+  if kind == 'start':  # a random moment before the first progress line
+    attempt.wait_for(attempt.training, at_most=rng.uniform(0.5, 4.0))
+    return 0.0
   if kind == 'save':
     condition = lambda: attempt.training() and attempt.saving()
     delay = rng.uniform(0, 0.02)
@@ -244,6 +247,7 @@ def test_random_kills_anywhere_end_bitwise_like_an_uninterrupted_run(
                        timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   _assert_same_run(reference, run)
+  assert not [n for n in os.listdir(run / 'checkpoints') if not n.isdigit()]
   # TensorBoard shows each step once, with the uninterrupted run's values
   # (examples or images per second are measured anew).
   ref_tb, run_tb = _scalars(reference / 'tensorboard'), _scalars(
