@@ -168,7 +168,7 @@ class Checkpointer:
         problem = _fingerprint_mismatch(restored['state'],
                                         restored['meta'].get('fingerprint'))
       except Exception as e:  # pylint: disable=broad-except
-        problem = f'unreadable: {_read_error(e)}'
+        problem = _read_error(e)
       if problem:
         logging.warning('checkpoint of step %d (%s) is damaged, %s; %s', s,
                         os.path.join(self.directory, str(s)), problem,
@@ -320,9 +320,11 @@ def _read_error(e: BaseException) -> str:
   text = str(e)
   files = re.findall(r'local file "([^"]+)"', text)
   arrays = re.findall(r"'path': '([^/'][^']*?)/?'", text)
-  where = files[-1] if files else (arrays[-1] if arrays else None)
-  first = text.splitlines()[0][:200] if text else ''
-  return f'{type(e).__name__}{f" in {where}" if where else ""}: {first}'
+  where = files[-1] if files else (
+      arrays[-1].replace('.', '/') if arrays else 'a file')
+  first = text.splitlines()[0] if text else ''
+  first = first.split(' See full TensorStore details')[0][:200]
+  return f'{where} is unreadable ({type(e).__name__}: {first})'
 
 
 def check_compatible(stored: dict[str, Any], expected: dict[str, Any],
