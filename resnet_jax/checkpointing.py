@@ -316,15 +316,19 @@ def _os_error(e: BaseException) -> str | None:
 
 
 def _read_error(e: BaseException) -> str:
-  """One line from a restore error, naming the file or array that failed."""
+  """One line from a restore error, naming the array or file that failed
+  and why (TensorStore's error, which Orbax wraps, says both)."""
+  while e.__cause__ is not None:
+    e = e.__cause__
   text = str(e)
+  arrays = (re.findall(r'Error reading "([^"/]+)/', text) or
+            re.findall(r"'path': '([^/'][^']*?)/?'", text))
   files = re.findall(r'local file "([^"]+)"', text)
-  arrays = re.findall(r"'path': '([^/'][^']*?)/?'", text)
-  where = files[-1] if files else (
-      arrays[-1].replace('.', '/') if arrays else 'a file')
+  where = (arrays[-1].replace('.', '/') if arrays else
+           files[-1] if files else 'a file')
   first = text.splitlines()[0] if text else ''
-  first = first.split(' See full TensorStore details')[0][:200]
-  return f'{where} is unreadable ({type(e).__name__}: {first})'
+  why = first.split(' See full TensorStore details')[0].split('": ')[-1]
+  return f'{where} is unreadable ({type(e).__name__}: {why[:200]})'
 
 
 def check_compatible(stored: dict[str, Any], expected: dict[str, Any],

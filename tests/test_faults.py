@@ -114,6 +114,9 @@ def _flip_a_bit(f):
   f.write_bytes(bytes(data))
 
 
+# When one read of a damaged checkpoint fails, Orbax leaves the coroutines
+# of the others unawaited; Python reports them when they are collected.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_a_damaged_latest_checkpoint_is_named_and_skipped(finished, tmp_path,
                                                           caplog):
   config, original, result = finished
@@ -135,7 +138,7 @@ def test_a_damaged_latest_checkpoint_is_named_and_skipped(finished, tmp_path,
     assert len(warning) == 1, caplog.text
     assert warning[0].startswith(
         f'checkpoint of step 8 ({workdir / "checkpoints" / "8"}) is damaged')
-    assert 'kernel' in warning[0]  # the array that reads back wrong
+    assert '/kernel ' in warning[0]  # the array that reads back wrong
     assert damaged.read_bytes() == content  # nothing deleted or repaired
   # Training resumes from step 4 (here after the flipped bit, which reads
   # back without an error), moves step 8 aside and ends as before.
