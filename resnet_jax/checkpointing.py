@@ -10,7 +10,7 @@ never leaves a half checkpoint that a restore would pick. Kept: the last
 `keep` steps plus the best by `best_metric` (the accuracy on the run's first
 evaluation split: 'val' when one is held out, else the dataset's own).
 
-Faults: `meta` records a checksum of every array (`fingerprint`), so a
+Faults: `meta` records a checksum of every array (checkpoint_faults.py), so a
 damaged file that still reads (a flipped bit in a compressed chunk restores
 without an error) is found like one that does not; a damaged latest
 checkpoint is skipped with a warning naming it, and a training run moves it
@@ -26,12 +26,12 @@ import shutil
 from typing import Any, Iterator
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import serialization
 from jax.experimental import multihost_utils
 
+from resnet_jax import checkpoint_faults
 from resnet_jax.errors import UserError
 
 CHECKPOINT_DIR = 'checkpoints'
@@ -87,7 +87,7 @@ class Checkpointer:
     step = int(jax.device_get(state.step))
     tree = serialization.to_state_dict(state)
     meta = {'step': step, 'metrics': metrics or {},
-            'fingerprint': fingerprint(tree)}
+            'fingerprint': checkpoint_faults.fingerprint(tree)}
     self._saving = step
     with self._write_errors():
       self._manager.save(
@@ -120,7 +120,7 @@ class Checkpointer:
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except
-      reason = _os_error(e)
+      reason = checkpoint_faults.os_error(e)
       if reason is None:
         raise
       self._failed = True
@@ -165,10 +165,10 @@ class Checkpointer:
         restored = self._manager.restore(s, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(_abstract(template, sharding)),
             meta=ocp.args.JsonRestore()))
-        problem = _fingerprint_mismatch(restored['state'],
-                                        restored['meta'].get('fingerprint'))
+        problem = checkpoint_faults.mismatch(
+            restored['state'], restored['meta'].get('fingerprint'))
       except Exception as e:  # pylint: disable=broad-except
-        problem = _read_error(e)
+        problem = checkpoint_faults.read_error(e)
       if problem:
         logging.warning('checkpoint of step %d (%s) is damaged, %s; %s', s,
                         os.path.join(self.directory, str(s)), problem,
@@ -225,8 +225,8 @@ class Checkpointer:
         self._stored_tree(step), is_leaf=lambda m: hasattr(m, 'shape'))
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-    problem = _fingerprint_mismatch(restored['state'],
-                                    restored['meta'].get('fingerprint'))
+    problem = checkpoint_faults.mismatch(
+        restored['state'], restored['meta'].get('fingerprint'))
     if problem:
       raise UserError(f'the checkpoint of step {step} in {self.directory} is '
                       f'damaged: {problem}; use another step')
@@ -244,91 +244,6 @@ class Checkpointer:
     """Orbax's metadata (shape, dtype, ...) of the stored state, as a dict."""
     tree = self._manager.item_metadata(step)['state']
     return dict(tree.tree if hasattr(tree, 'tree') else tree)
-
-
-def fingerprint(tree: Any) -> dict[str, int]:
-  """A 32-bit checksum of each array's bits, by path ('params/fc/kernel'),
-  computed where the arrays are (the same on any device count)."""
-  paths, leaves = _paths_and_leaves(tree)
-  sums = jax.device_get(_checksums(leaves))
-  return {p: int(x) for p, x in zip(paths, sums)}
-
-
-def _fingerprint_mismatch(tree: Any, recorded: dict[str, int] | None
-                          ) -> str | None:
-  """What differs from the checksums recorded at save time (checkpoints
-  written before they were recorded are not checked)."""
-  if not recorded:
-    return None
-  now = fingerprint(tree)
-  bad = [p for p in recorded if now.get(p) != recorded[p]]
-  if not bad:
-    return None
-  more = f' and {len(bad) - 1} more' if len(bad) > 1 else ''
-  return (f'{bad[0]}{more} read back other values than were saved (checksum '
-          'mismatch)')
-
-
-def _paths_and_leaves(tree: Any) -> tuple[list[str], list[Any]]:
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  names = ['/'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(
-      k, 'name', k)))) for k in path) for path, _ in flat]
-  return names, [leaf for _, leaf in flat]
-
-
-@jax.jit
-def _checksums(leaves: list[jax.Array]) -> list[jax.Array]:
-  return [_checksum(x) for x in leaves]
-
-
-def _checksum(x: jax.Array) -> jax.Array:
-  """The array's bits as uint32 words, each weighted by an odd multiple of
-  its position (sums modulo 2**32 are exact in any order)."""
-  x = jnp.asarray(x)
-  if x.dtype == jnp.bool_:
-    x = x.astype(jnp.uint8)
-  if not jnp.issubdtype(x.dtype, jnp.integer):
-    x = jax.lax.bitcast_convert_type(
-        x, jnp.dtype(f'uint{x.dtype.itemsize * 8}'))
-  words = x.ravel().astype(jnp.uint32)
-  position = jnp.arange(words.size, dtype=jnp.uint32)
-  weights = position * jnp.uint32(2654435761) | jnp.uint32(1)
-  return jnp.sum((words ^ (words >> 16)) * weights, dtype=jnp.uint32)
-
-
-def _os_error(e: BaseException) -> str | None:
-  """'<strerror> writing <file>' when `e` (or its cause) is an operating
-  system error, as Python raises it or TensorStore reports it."""
-  seen = set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    if isinstance(e, OSError) and e.errno:
-      where = f' writing {e.filename}' if e.filename else ''
-      return f'{e.strerror or os.strerror(e.errno)}{where}'
-    text = str(e)
-    code = re.search(r"os_error_code='?(\d+)", text)
-    if code:
-      files = re.findall(r'(?:local file|writing:?) "([^"]+)"', text)
-      where = f' writing {files[-1]}' if files else ''
-      return f'{os.strerror(int(code.group(1)))}{where}'
-    e = e.__cause__ or e.__context__
-  return None
-
-
-def _read_error(e: BaseException) -> str:
-  """One line from a restore error, naming the array or file that failed
-  and why (TensorStore's error, which Orbax wraps, says both)."""
-  while e.__cause__ is not None:
-    e = e.__cause__
-  text = str(e)
-  arrays = (re.findall(r'Error reading "([^"/]+)/', text) or
-            re.findall(r"'path': '([^/'][^']*?)/?'", text))
-  files = re.findall(r'local file "([^"]+)"', text)
-  where = (arrays[-1].replace('.', '/') if arrays else
-           files[-1] if files else 'a file')
-  first = text.splitlines()[0] if text else ''
-  why = first.split(' See full TensorStore details')[0].split('": ')[-1]
-  return f'{where} is unreadable ({type(e).__name__}: {why[:200]})'
 
 
 def check_compatible(stored: dict[str, Any], expected: dict[str, Any],
