@@ -97,9 +97,11 @@ class _QuietLibraries:
     if 'read_only' in record.getMessage() or (
         'read only' in record.getMessage()):
       return False  # Orbax on every read-only restore: nothing to act on
-    if f'{os.sep}orbax{os.sep}' in record.pathname:
-      # A failed save's background threads each log the same error with a
-      # traceback; the line is enough (the command ends with the error).
+    if (f'{os.sep}orbax{os.sep}' in record.pathname or
+        record.name == 'asyncio'):
+      # A failed save's background threads (and the asyncio tasks Orbax
+      # leaves) each log the same error with a traceback; the line is
+      # enough (the command ends with the error).
       record.exc_info = record.exc_text = None
     return (record.levelno >= std_logging.WARNING or
             f'{os.sep}resnet_jax{os.sep}' in record.pathname or
