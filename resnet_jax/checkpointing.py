@@ -10,20 +10,37 @@ folder and renames it when complete, so a kill during an (asynchronous) save
 never leaves a half checkpoint that a restore would pick. Kept: the last
 `keep` steps plus the best by `best_metric` (the accuracy on the run's first
 evaluation split: 'val' when one is held out, else the dataset's own).
+
+Faults: `meta` records a checksum of every array (checkpoint_faults.py), so a
+damaged file that still reads (a flipped bit in a compressed chunk restores
+without an error) is found like one that does not; a damaged latest
+checkpoint is skipped with a warning naming it, and a training run moves it
+to `<workdir>/damaged_checkpoints/` before it saves that step again (nothing
+is deleted). A save that fails to write (a full disk) is one `UserError`
+naming the file and the step still the latest.
 """
 
+import contextlib
 import os
 import re
-from typing import Any
+import shutil
+from typing import Any, Iterator
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import serialization
+from jax.experimental import multihost_utils
 
+from resnet_jax import checkpoint_faults
 from resnet_jax.errors import UserError
 
 CHECKPOINT_DIR = 'checkpoints'
+DAMAGED_DIR = 'damaged_checkpoints'
+
+
+class CheckpointWriteError(UserError):
+  """A checkpoint could not be written (a full disk, a failing device)."""
 
 
 def _abstract(tree: Any, sharding: jax.sharding.Sharding) -> Any:
@@ -46,33 +63,83 @@ class Checkpointer:
                        reverse=False, n=1,
                        keep_checkpoints_without_metrics=False),
     ])
+    # A writer holds the workdir's lock (workdir_lock.py), so temporary
+    # folders left by a save that a kill or a full disk interrupted are no
+    # other run's: Orbax removes them (they are never restored either way).
     options = ocp.CheckpointManagerOptions(
         preservation_policy=preservation, create=not read_only,
+        cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=async_save, read_only=read_only)
+    self.read_only = read_only
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'meta': ocp.JsonCheckpointHandler()})
+    self._saving = None  # the step of the save in flight
+    self._failed = False
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
   def save(self, state: Any, metrics: dict[str, float] | None = None) -> None:
     """Starts an (asynchronous) save of `state` at its step, with the step's
-    evaluation `metrics` if it was evaluated."""
+    evaluation `metrics` if it was evaluated, and its arrays' checksums."""
+    self.wait()  # a failure of the previous save is reported as its own
     step = int(jax.device_get(state.step))
-    self._manager.save(
-        step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(serialization.to_state_dict(state)),
-            meta=ocp.args.JsonSave({'step': step, 'metrics': metrics or {}})),
-        metrics=metrics, force=True)
+    tree = serialization.to_state_dict(state)
+    meta = {'step': step, 'metrics': metrics or {},
+            'fingerprint': checkpoint_faults.fingerprint(tree)}
+    self._saving = step
+    with self._write_errors():
+      self._manager.save(
+          step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                        meta=ocp.args.JsonSave(meta)),
+          metrics=metrics, force=True)
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._write_errors():
+      self._manager.wait_until_finished()
+    self._saving = None
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for the save in flight; after a failed save (already reported)
+    only releases Orbax's threads."""
+    if self._failed:
+      for finish in (self._manager.wait_until_finished, self._manager.close):
+        with contextlib.suppress(Exception):
+          finish()
+      return
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+
+  @contextlib.contextmanager
+  def _write_errors(self) -> Iterator[None]:
+    """An error writing the files of the save in flight becomes one
+    CheckpointWriteError; other exceptions (bugs) keep their traceback."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      reason = checkpoint_faults.os_error(e)
+      if reason is None:
+        raise
+      self._failed = True
+      done = self._finished_steps()
+      kept = (f'the checkpoint of step {done[-1]} is still the latest and '
+              'restorable' if done else 'no checkpoint was written')
+      raise CheckpointWriteError(
+          f'cannot save the checkpoint of step {self._saving} in '
+          f'{self.directory}: {reason}; {kept}: free space (or fix the file '
+          'system) and resume with the same command') from None
+
+  def _finished_steps(self) -> list[int]:
+    """Steps whose folder is complete (Orbax renames a save's temporary
+    folder as its last act)."""
+    try:
+      return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+    except OSError:
+      return []
 
   def restore(self, target: Any, sharding: jax.sharding.Sharding,
               step: int | None = None) -> tuple[Any, dict[str, Any]]:
@@ -95,22 +162,48 @@ class Checkpointer:
     stored = self._read_shapes(candidates[0]) or {}
     check_compatible(stored, template)
     check_same_sums(stored, template, self.directory)
-    errors = []
+    damaged = []
     for s in candidates:
       try:
         restored = self._manager.restore(s, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(_abstract(template, sharding)),
             meta=ocp.args.JsonRestore()))
+        problem = checkpoint_faults.mismatch(
+            restored['state'], restored['meta'].get('fingerprint'))
       except Exception as e:  # pylint: disable=broad-except
-        logging.warning('checkpoint at step %d in %s is unreadable (%s: %s); '
-                        'trying the previous one', s, self.directory,
-                        type(e).__name__, str(e).splitlines()[0][:200])
-        errors.append(s)
+        problem = checkpoint_faults.read_error(e)
+      if problem:
+        logging.warning('checkpoint of step %d (%s) is damaged, %s; %s', s,
+                        os.path.join(self.directory, str(s)), problem,
+                        'trying the previous one' if s != candidates[-1] else
+                        'no earlier one is left')
+        damaged.append(s)
         continue
+      if damaged and not self.read_only:
+        self._set_aside(damaged)
       state = serialization.from_state_dict(target, restored['state'])
       return state, dict(restored['meta'])
     raise UserError(f'no readable checkpoint in {self.directory} (tried steps '
-                    f'{errors}); start a new workdir or fix the files')
+                    f'{damaged}, each damaged: see the warnings); start a new '
+                    'workdir or fix the files')
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves damaged step folders out of Orbax's directory (this run saves
+    those steps again), to `<workdir>/damaged_checkpoints/`."""
+    target = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
+    if jax.process_index() == 0:
+      os.makedirs(target, exist_ok=True)
+      for s in steps:
+        dest, n = os.path.join(target, str(s)), 1
+        while os.path.exists(dest):
+          n += 1
+          dest = os.path.join(target, f'{s}-{n}')
+        shutil.move(os.path.join(self.directory, str(s)), dest)
+        logging.warning('moved the damaged checkpoint of step %d to %s '
+                        '(nothing is deleted)', s, dest)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('damaged checkpoints set aside')
+    self._manager.reload()
 
   def restore_variables(self, step: int | None = None, weights: str = 'raw'
                         ) -> tuple[dict, dict]:
@@ -143,6 +236,11 @@ class Checkpointer:
         self._stored_tree(step), is_leaf=lambda m: hasattr(m, 'shape'))
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    problem = checkpoint_faults.mismatch(
+        restored['state'], restored['meta'].get('fingerprint'))
+    if problem:
+      raise UserError(f'the checkpoint of step {step} in {self.directory} is '
+                      f'damaged: {problem}; use another step')
     return restored['state'], dict(restored['meta'])
 
   def _read_shapes(self, step: int) -> dict[str, Any] | None:

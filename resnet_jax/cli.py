@@ -97,6 +97,12 @@ class _QuietLibraries:
     if 'read_only' in record.getMessage() or (
         'read only' in record.getMessage()):
       return False  # Orbax on every read-only restore: nothing to act on
+    if (f'{os.sep}orbax{os.sep}' in record.pathname or
+        record.name == 'asyncio'):
+      # A failed save's background threads (and the asyncio tasks Orbax
+      # leaves) each log the same error with a traceback; the line is
+      # enough (the command ends with the error).
+      record.exc_info = record.exc_text = None
     return (record.levelno >= std_logging.WARNING or
             f'{os.sep}resnet_jax{os.sep}' in record.pathname or
             record.pathname.endswith('train.py'))
@@ -111,12 +117,22 @@ def enable_compilation_cache() -> None:
         '~/.cache/resnet_jax/xla'))
 
 
+def _quiet_unraisable(unraisable) -> None:
+  """After a failed checkpoint save, TensorStore completes the writes still
+  in flight into Orbax's closed event loop: one 'Event loop is closed'
+  traceback each, after the error has been reported. Others are printed."""
+  if not (isinstance(unraisable.exc_value, RuntimeError) and
+          'Event loop is closed' in str(unraisable.exc_value)):
+    sys.__unraisablehook__(unraisable)
+
+
 def run(main: Callable[[list[str]], Any], positional: bool = False) -> None:
   """absl's app.run(main) with one-line errors and exit code 2 for bad flags
   and `UserError`s; `positional`: main takes arguments besides the flags."""
 
   def wrapped(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    sys.unraisablehook = _quiet_unraisable
     if not positional and len(argv) > 1:
       fail(f'unexpected arguments {argv[1:]}; every option is a --flag')
     try:

@@ -1,6 +1,6 @@
 """What a run leaves for researchers: log lines, metrics.jsonl, TensorBoard
-event files (and, optionally, a Weights & Biases run) and the textbook's
-learning-curve figure (curves.png).
+event files (tensorboard_files.py), optionally a Weights & Biases run
+(wandb_sink.py), and the textbook's learning-curve figure (curves.png).
 
 Only process 0 writes; the others get a writer that does nothing, so the
 training loop never asks which process it is.
@@ -10,13 +10,12 @@ import json
 import os
 import sys
 import time
-import types
 from typing import Any
 
 import jax
 from absl import logging
 
-from resnet_jax import wandb_sink
+from resnet_jax import tensorboard_files, wandb_sink
 
 
 class MetricWriter:
@@ -27,17 +26,19 @@ class MetricWriter:
                wandb_project: str | None = None, config: Any = None):
     self.enabled = enabled
     self.path = os.path.join(workdir, 'metrics.jsonl')
-    self._tb = self._wandb = None
-    if enabled:
-      if wandb_project:
-        self._wandb = wandb_sink.WandbSink(workdir, wandb_project, config)
-      self._tb = _tensorboard_writer(os.path.join(workdir, 'tensorboard'))
+    self.tb_dir = os.path.join(workdir, 'tensorboard')
+    self._tb = None  # opened by the first record, after `truncate_after`
+    self._wandb = None
+    if enabled and wandb_project:
+      self._wandb = wandb_sink.WandbSink(workdir, wandb_project, config)
 
   def write(self, record: dict[str, Any]) -> None:
     if not self.enabled:
       return
     with open(self.path, 'a', encoding='utf-8') as f:
       f.write(json.dumps(record, sort_keys=True) + '\n')
+    if self._tb is None:
+      self._tb = tensorboard_files.writer(self.tb_dir)
     step = int(record['step'])
     for key, value in record.items():
       if key not in ('step', 'epoch') and isinstance(value, (int, float)):
@@ -47,8 +48,12 @@ class MetricWriter:
       self._wandb.write(record)
 
   def truncate_after(self, step: int) -> None:
-    """Drops records past `step`: a resumed run rewrites them exactly."""
-    if not self.enabled or not os.path.exists(self.path):
+    """Drops records and TensorBoard events past `step`: a resumed run
+    rewrites them exactly."""
+    if not self.enabled:
+      return
+    tensorboard_files.keep_steps_up_to(self.tb_dir, step)
+    if not os.path.exists(self.path):
       return
     kept = [json.dumps(r, sort_keys=True) + '\n'
             for r in _parse_lines(self.path) if r['step'] <= step]
@@ -62,20 +67,6 @@ class MetricWriter:
       self._tb.close()
     if self._wandb is not None:
       self._wandb.close()
-
-
-def _tensorboard_writer(logdir: str):
-  """TensorBoard's framework-free event writer.
-
-  TensorBoard's writer imports TensorFlow whenever it is installed (seconds
-  of start-up and gigabytes of address space in a training process that
-  never uses it), unless the module `tensorboard.compat.notf` exists, which
-  makes it take its own TF-free stub: that marker is registered here.
-  """
-  sys.modules.setdefault('tensorboard.compat.notf',
-                         types.ModuleType('tensorboard.compat.notf'))
-  from tensorboard.summary import Writer  # pylint: disable=g-import-not-at-top
-  return Writer(logdir)
 
 
 def read_records(workdir: str) -> list[dict[str, Any]]:
@@ -120,8 +111,10 @@ def plot_curves(workdir: str) -> str | None:
   ax.legend()
   fig.tight_layout()
   path = os.path.join(workdir, 'curves.png')
-  fig.savefig(path)
+  tmp = f'{path}.tmp'  # replaced whole: a kill never leaves half a figure
+  fig.savefig(tmp, format='png')
   plt.close(fig)
+  os.replace(tmp, path)
   return path
 
 

@@ -20,7 +20,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from resnet_jax import checkpointing, config as config_lib, metric_writers
-from resnet_jax import profiling, run_setup, wandb_sink
+from resnet_jax import profiling, run_setup, wandb_sink, workdir_lock
 from resnet_jax.errors import UserError
 
 
@@ -138,33 +138,59 @@ class _Rate:
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) in `workdir`; returns the last evaluation's metrics."""
+  """Trains (or resumes) in `workdir`; returns the last evaluation's metrics.
+
+  The workdir is locked for the run (a second run on it stops at once). A
+  run that has already ended prints its result and writes nothing.
+  """
   run_setup.prepare_workdir(workdir)
+  with workdir_lock.held(workdir):
+    return _train(config, workdir)
+
+
+def _train(config: Any, workdir: str) -> dict[str, float]:
   run = run_setup.build(config)
   run_setup.check_same_run(run.config, workdir)
   c, steps = run.config, run.steps
   lead = jax.process_index() == 0
-  if lead:
-    if c.run.wandb_project:
-      wandb_sink.check_installed()  # before any work: one line if missing
-    config_lib.write(workdir, c)
+  if lead and c.run.wandb_project:
+    wandb_sink.check_installed()  # before any work: one line if missing
   split = run.data.eval_splits[0]  # evaluated each time; selects the best
   best = f'{metric_prefix(c.run.eval_weights)}{split}_accuracy'
   ckpt = checkpointing.Checkpointer(workdir, keep=c.run.keep_checkpoints,
                                     best_metric=best)
   state = run_setup.init_state(run)
   final: dict[str, float] = {}
-  if ckpt.all_steps():
-    state, meta = ckpt.restore(state, run.replicated)
-    final = meta.get('metrics') or {}
-    logging.info('resumed from step %d in %s', meta['step'], ckpt.directory)
-  elif c.run.init_from:
-    state = run_setup.warm_start(run, state)
-  step = saved = int(jax.device_get(state.step))
+  try:
+    if ckpt.all_steps():
+      state, meta = ckpt.restore(state, run.replicated)
+      final = meta.get('metrics') or {}
+      logging.info('resumed from step %d in %s', meta['step'], ckpt.directory)
+    elif c.run.init_from:
+      state = run_setup.warm_start(run, state)
+  except BaseException:
+    ckpt.close()
+    raise
+  step = int(jax.device_get(state.step))
   if step >= steps.total:
     ckpt.close()
-    logging.info('the run in %s already ended at step %d', workdir, step)
+    if lead:
+      print(ended_line(step, steps.epoch(step), final, split), flush=True)
     return final
+  if lead:
+    config_lib.write(workdir, c)
+  return _loop(run, workdir, ckpt, state, final)
+
+
+def _loop(run: run_setup.Run, workdir: str,
+          ckpt: checkpointing.Checkpointer, state, final: dict[str, float]
+          ) -> dict[str, float]:
+  """Steps from the state's step to the end, with every periodic action;
+  the curves are drawn before the last checkpoint, which marks the end."""
+  c, steps = run.config, run.steps
+  lead = jax.process_index() == 0
+  split = run.data.eval_splits[0]
+  step = saved = int(jax.device_get(state.step))
   train_fn, eval_fn = run_setup.compile_steps(run)
   writer = metric_writers.MetricWriter(workdir, enabled=lead,
                                       wandb_project=c.run.wandb_project,
@@ -227,6 +253,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         writer.write(record)
         window_rate.restart(step)
 
+      if step == steps.total and lead:
+        path = metric_writers.plot_curves(workdir)
+        if path:
+          logging.info('learning curves: %s', path)
+
       if steps.is_checkpoint(step):
         save(evaluated)
 
@@ -243,25 +274,46 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     stop.restore()
     ckpt.close()
     writer.close()
-  if lead:
-    path = metric_writers.plot_curves(workdir)
-    if path:
-      logging.info('learning curves: %s', path)
   return final
+
+
+def ended_line(step: int, epoch: float, metrics: dict[str, float],
+               split: str) -> str:
+  """What the command of a run that has ended prints: its last checkpoint's
+  evaluation."""
+  where = f'the run ended at step {step} (epoch {_epochs(epoch)})'
+  hint = ('nothing trained or saved (a larger run.num_train_steps or '
+          'run.num_epochs continues it)')
+  if f'{split}_accuracy' not in metrics:
+    return (f'{where}; its last checkpoint holds no evaluation '
+            '(--config.run.mode=eval evaluates it); ' + hint)
+  return f'{where}: {split_result(metrics, split)}; {hint}'
+
+
+def split_result(metrics: dict[str, float], name: str) -> str:
+  """'test loss ..., test acc ... over N examples' for the metrics of `name`
+  (a split, or 'ema_' and a split: 'ema test acc')."""
+  label = name.replace('_', ' ')
+  return (f'{label} loss {metrics[f"{name}_loss"]:.4f}, {label} acc '
+          f'{metrics[f"{name}_accuracy"]:.4f} over '
+          f'{metrics[f"{name}_count"]} examples')
 
 
 def epoch_line(record: dict[str, float], split: str) -> str:
   """The textbook's line, naming the split it evaluated ('test acc', 'val
   acc') and, with an EMA, the EMA model's ('ema val acc'); a run cut
   mid-epoch ends at a fractional epoch."""
-  epoch = record['epoch']
-  epoch_text = f'{epoch:.0f}' if epoch == int(epoch) else f'{epoch:.2f}'
   ema = (f'ema {split} acc {record[f"ema_{split}_accuracy"]:.3f}, '
          if f'ema_{split}_accuracy' in record else '')
-  return (f'epoch {epoch_text}: loss {record["train_loss"]:.3f}, train acc '
+  return (f'epoch {_epochs(record["epoch"])}: loss '
+          f'{record["train_loss"]:.3f}, train acc '
           f'{record["train_accuracy"]:.3f}, {split} acc '
           f'{record[f"{split}_accuracy"]:.3f}, {ema}'
           f'{record["examples_per_sec"]:.1f} examples/sec')
+
+
+def _epochs(epoch: float) -> str:
+  return f'{epoch:.0f}' if epoch == int(epoch) else f'{epoch:.2f}'
 
 
 def evaluate_checkpoint(config: Any, workdir: str) -> dict[str, float]:
@@ -284,8 +336,6 @@ def evaluate_checkpoint(config: Any, workdir: str) -> dict[str, float]:
     result.update(metrics)
     name = metric_prefix(weights) + split
     if jax.process_index() == 0:
-      print(f'step {result["step"]}: {name.replace("_", " ")} loss '
-            f'{metrics[f"{name}_loss"]:.4f}, {name.replace("_", " ")} acc '
-            f'{metrics[f"{name}_accuracy"]:.4f} over '
-            f'{metrics[f"{name}_count"]} examples', flush=True)
+      print(f'step {result["step"]}: {split_result(metrics, name)}',
+            flush=True)
   return result

@@ -1,13 +1,18 @@
-"""Checkpoints: exact resume after SIGKILL and SIGTERM, fallback from a
-corrupt checkpoint, evaluation, warm start, mismatches, non-finite stops."""
+"""Checkpoints: exact resume after SIGKILL and SIGTERM, also after random
+kills anywhere; one run per workdir; a failing write during a save; fallback
+from a corrupt checkpoint, evaluation, warm start, mismatches, non-finite
+stops. (In-process fault tests: test_faults.py.)"""
 
 import json
 import os
 import pathlib
+import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -63,32 +68,28 @@ def _records(workdir):
           for l in lines]
 
 
-# The recipe features that add state: the weight EMA (warmed up) and
-# gradient accumulation (2 micro-batches of 16).
+# The recipe features that add state, on in every run compared bitwise:
+# the weight EMA (warmed up) and gradient accumulation (2 micro-batches).
 FEATURES = ('--config.optim.ema_decay=0.9', '--config.optim.ema_warmup=True',
             '--config.optim.grad_accum_steps=2')
 
 
-def test_resume_after_kills_and_sigterm_is_bitwise_identical(fake_data_dir,
-                                                              tmp_path):
-  ref, run = tmp_path / 'reference', tmp_path / 'interrupted'
-  out = subprocess.run(_cmd(ref, fake_data_dir, *FEATURES), env=_env(),
+def _cmd_features(workdir, data_dir, *extra):
+  return _cmd(workdir, data_dir, *FEATURES, *extra)
+
+
+@pytest.fixture(scope='module')
+def reference(fake_data_dir, tmp_path_factory):
+  """The uninterrupted run of `_cmd_features`: 20 steps, 8 per epoch."""
+  ref = tmp_path_factory.mktemp('reference')
+  out = subprocess.run(_cmd_features(ref, fake_data_dir), env=_env(),
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  # Kill points: right after the first checkpoint, after the epoch boundary
-  # (step 8, with its evaluation), then a preemption by SIGTERM.
-  for step, sig in ((3, signal.SIGKILL), (9, signal.SIGKILL),
-                    (15, signal.SIGTERM)):
-    code, _, err = _run_until(_cmd(run, fake_data_dir, *FEATURES), run,
-                              step, sig)
-    if sig == signal.SIGTERM:
-      assert code == 0, err[-3000:]  # a clean preemption for schedulers
-      assert 'resume with the same command' in err
-    else:
-      assert code == -signal.SIGKILL
-  out = subprocess.run(_cmd(run, fake_data_dir, *FEATURES), env=_env(),
-                       capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
+  return ref
+
+
+def _assert_same_run(ref, run):
+  """Bitwise the same final state, and the same metrics records."""
   a, b = _final_state(ref), _final_state(run)
   for section in ('params', 'batch_stats', 'opt_state', 'step', 'rng',
                   'metric_sums', 'ema'):
@@ -98,6 +99,252 @@ def test_resume_after_kills_and_sigterm_is_bitwise_identical(fake_data_dir,
     for x, y in zip(leaves_a, leaves_b):
       np.testing.assert_array_equal(x, y, err_msg=section)
   assert _records(ref) == _records(run)
+
+
+def test_resume_after_kills_and_sigterm_is_bitwise_identical(fake_data_dir,
+                                                              reference,
+                                                              tmp_path):
+  run = tmp_path / 'interrupted'
+  # Kill points: right after the first checkpoint, after the epoch boundary
+  # (step 8, with its evaluation), then a preemption by SIGTERM.
+  for step, sig in ((3, signal.SIGKILL), (9, signal.SIGKILL),
+                    (15, signal.SIGTERM)):
+    code, _, err = _run_until(_cmd_features(run, fake_data_dir), run,
+                              step, sig)
+    if sig == signal.SIGTERM:
+      assert code == 0, err[-3000:]  # a clean preemption for schedulers
+      assert 'resume with the same command' in err
+    else:
+      assert code == -signal.SIGKILL
+  out = subprocess.run(_cmd_features(run, fake_data_dir), env=_env(),
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  _assert_same_run(reference, run)
+
+
+# Where a random kill lands is read from what the run leaves: its output
+# (stdout and stderr in one pipe, in the order written) and an unfinished
+# Orbax save folder. 8 steps per epoch: epoch ends at 8 and 16, the end at
+# 20, each evaluated; a progress line every 2 steps; checkpoints every 3.
+_PROGRESS = re.compile(r'\] epoch (\d+): (\d+)/8 ')
+_EVAL_STEPS = (8, 16, 20)
+
+
+def _progress_step(line: str) -> int | None:
+  m = _PROGRESS.search(line)
+  return (int(m.group(1)) - 1) * 8 + int(m.group(2)) if m else None
+
+
+class _Attempt:
+  """One start of the command, its output collected as it is written."""
+
+  def __init__(self, cmd, workdir):
+    self.checkpoints = pathlib.Path(workdir) / 'checkpoints'
+    self.started = time.time()
+    self.proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+    self.lines = []
+    self._reader = threading.Thread(target=self._read, daemon=True)
+    self._reader.start()
+
+  def _read(self):
+    for line in self.proc.stdout:
+      self.lines.append(line.rstrip('\n'))
+
+  def saving(self) -> bool:
+    """An Orbax temporary folder written by this attempt exists."""
+    try:
+      return any('orbax-checkpoint-tmp' in e.name and
+                 e.stat().st_mtime > self.started - 1
+                 for e in os.scandir(self.checkpoints))
+    except OSError:
+      return False
+
+  def training(self) -> bool:
+    return any(_progress_step(l) for l in self.lines[-50:])
+
+  def wait_for(self, condition, timeout=400, at_most=None) -> bool:
+    """Whether `condition` held before the run ended by itself (or before
+    `at_most` seconds, when given)."""
+    deadline = time.time() + timeout
+    limit = None if at_most is None else time.time() + at_most
+    while self.proc.poll() is None:
+      if condition() or (limit is not None and time.time() > limit):
+        return True
+      assert time.time() < deadline, '\n'.join(self.lines[-30:])
+      time.sleep(0.002)
+    return False
+
+  def kill_after(self, delay: float) -> None:
+    time.sleep(delay)
+    self.proc.kill()
+    self.proc.wait()
+    self._reader.join()
+
+  def landed(self) -> str:
+    """Where the kill landed: what the main thread was doing (its last
+    output), and whether an asynchronous save was in flight."""
+    if self.proc.returncode == 0:
+      return 'none (the run had ended)'
+    events = [l for l in self.lines
+              if _progress_step(l) or l.startswith('epoch ')]
+    if not events:
+      phase = 'start-up'
+    elif (self.checkpoints / '20').is_dir():
+      phase = 'after the last checkpoint'
+    elif events[-1].startswith('epoch 2.50'):
+      phase = 'final curves'
+    elif _progress_step(events[-1]) in _EVAL_STEPS:
+      phase = 'evaluation'
+    else:
+      phase = 'training'
+    return f'{phase}, in a save' if self.saving() else phase
+
+
+def _trigger(attempt: _Attempt, kind: str, rng: random.Random) -> float:
+  """Waits for the moment `kind` aims at; returns a random delay after it."""
+  if kind == 'start':  # a random moment before the first progress line
+    attempt.wait_for(attempt.training, at_most=rng.uniform(0.5, 4.0))
+    return 0.0
+  if kind == 'save':
+    condition = lambda: attempt.training() and attempt.saving()
+    delay = rng.uniform(0, 0.02)
+  elif kind == 'eval':
+    condition = lambda: attempt.lines and _progress_step(
+        attempt.lines[-1]) in _EVAL_STEPS
+    delay = rng.uniform(0, 0.05)
+  elif kind == 'between':
+    condition = attempt.training
+    delay = rng.uniform(0, 0.3)
+  else:  # 'curves': after the last epoch line
+    condition = lambda: any(l.startswith('epoch 2.50') for l in attempt.lines)
+    delay = rng.uniform(0, 0.3)
+  return delay if attempt.wait_for(condition) else 0.0
+
+
+def _scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+  """tag -> [(step, value)] of every event file of `logdir`, in file order."""
+  from resnet_jax import tensorboard_files  # pylint: disable=g-import-not-at-top
+  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
+  series = {}
+  for path in tensorboard_files.event_files(str(logdir)):
+    for event in tensorboard_files.read_events(path):
+      for v in event.summary.value:
+        series.setdefault(v.tag, []).append(
+            (event.step, float(tensor_util.make_ndarray(v.tensor))))
+  return series
+
+
+def test_random_kills_anywhere_end_bitwise_like_an_uninterrupted_run(
+    fake_data_dir, reference, tmp_path):
+  # 11 SIGKILLs, each a random delay after a moment it aims at: an Orbax
+  # save in flight, an evaluation, training between saves, start-up, and
+  # (last, so that the run is not over before the others) the final curves.
+  rng = random.Random(17)
+  kinds = ['save'] * 3 + ['eval'] * 3 + ['between'] * 2 + ['start']
+  rng.shuffle(kinds)
+  kinds += ['curves'] * 2
+  run = tmp_path / 'killed'
+  cmd = _cmd_features(run, fake_data_dir)
+  landed = []
+  for kind in kinds:
+    attempt = _Attempt(cmd, run)
+    attempt.kill_after(_trigger(attempt, kind, rng))
+    landed.append(attempt.landed())
+    assert attempt.proc.returncode in (0, -signal.SIGKILL), (
+        '\n'.join(attempt.lines[-30:]))
+  print('random kills landed:', landed)
+  out = subprocess.run(cmd, env=_env(), capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  _assert_same_run(reference, run)
+  assert not [n for n in os.listdir(run / 'checkpoints') if not n.isdigit()]
+  # TensorBoard shows each step once, with the uninterrupted run's values
+  # (examples or images per second are measured anew).
+  ref_tb, run_tb = _scalars(reference / 'tensorboard'), _scalars(
+      run / 'tensorboard')
+  assert sorted(ref_tb) == sorted(run_tb)
+  for tag, series in ref_tb.items():
+    assert [s for s, _ in run_tb[tag]] == [s for s, _ in series], tag
+    if not tag.endswith('_per_sec'):
+      assert run_tb[tag] == series, tag
+  # The command of the finished run prints its result and exits 0.
+  out = subprocess.run(cmd, env=_env(), capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.startswith('the run ended at step 20 (epoch 2.50): test '
+                               'loss ')
+  # Most kills interrupted the run (one aimed at a moment that had passed
+  # may find it over).
+  assert sum(not l.startswith('none') for l in landed) >= 8, landed
+
+
+def test_a_second_run_on_a_live_workdir_stops_at_once(fake_data_dir,
+                                                      reference, tmp_path):
+  run = tmp_path / 'live'
+  cmd = _cmd_features(run, fake_data_dir)
+  first = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 400
+    while not (run / 'checkpoints' / '3').is_dir():
+      assert first.poll() is None, first.communicate()[1][-3000:]
+      assert time.time() < deadline, 'no checkpoint 3 after 400 s'
+      time.sleep(0.05)
+    first.send_signal(signal.SIGSTOP)  # alive, holding the lock, for as
+    try:                               # long as the second run needs
+      second = subprocess.run(cmd, env=_env(), capture_output=True,
+                              text=True, timeout=300)
+    finally:
+      first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2
+    assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+    assert second.stderr.startswith(
+        f'error: workdir {str(run)!r} is in use by another training run '
+        f'(process {first.pid} on ')
+    _, err = first.communicate(timeout=600)
+  finally:
+    first.kill()
+  assert first.returncode == 0, err[-3000:]  # the first run is unharmed
+  _assert_same_run(reference, run)
+
+
+def _with_file_size_limit(cmd, limit: int):
+  """`cmd` (a Python command) where writes past `limit` bytes fail with
+  EFBIG, as writes to a disk that fills up fail with ENOSPC."""
+  setup = ('import os, resource, signal, sys; '
+           'signal.signal(signal.SIGXFSZ, signal.SIG_IGN); '
+           f'resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); '
+           'os.execv(sys.executable, [sys.executable] + sys.argv[1:])')
+  return [sys.executable, '-c', setup, *cmd[1:]]
+
+
+def test_a_failing_write_during_a_save_keeps_the_previous_checkpoint(
+    fake_data_dir, reference, tmp_path):
+  del reference  # its programs are in the shared compilation cache
+  run = tmp_path / 'full'
+  cmd = _cmd_features(run, fake_data_dir)
+  code, _, _ = _run_until(cmd, run, 3, signal.SIGKILL)
+  assert code == -signal.SIGKILL
+  # Checkpoint files are larger than 12 KB, the metrics and events written
+  # before step 9 smaller. The compilation cache is read but not written:
+  # an entry cut at the limit would stay in the shared cache.
+  out = subprocess.run(
+      _with_file_size_limit(cmd, 12_000), capture_output=True, text=True,
+      env=_env(JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=str(2**62)),
+      timeout=600)
+  assert out.returncode == 2, out.stderr[-3000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: cannot save the checkpoint of step 6 in ')
+  assert 'File too large writing ' in last
+  assert 'the checkpoint of step 3 is still the latest and restorable' in last
+  assert 'Traceback' not in out.stderr  # Orbax's threads log one line each
+  assert any('orbax-checkpoint-tmp' in n
+             for n in os.listdir(run / 'checkpoints'))
+  ckpt = checkpointing.Checkpointer(str(run), read_only=True,
+                                    async_save=False)
+  assert ckpt.all_steps() == [3]  # the temporary folder is not a checkpoint
+  assert ckpt.restore_raw(3)[1]['step'] == 3  # its checksums verified
 
 
 def _leaves(tree):
