@@ -31,9 +31,13 @@ _FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError,
                 OSError, SyntaxError)
 
 
+_ENDED = []  # set by `fail`: what libraries log afterwards is dropped
+
+
 def fail(message: str) -> None:
   """The one-line error of every command: 'error: ...', exit code 2."""
   print(f'error: {message}', file=sys.stderr)
+  _ENDED.append(message)
   sys.exit(2)
 
 
@@ -97,8 +101,13 @@ class _QuietLibraries:
     if 'read_only' in record.getMessage() or (
         'read only' in record.getMessage()):
       return False  # Orbax on every read-only restore: nothing to act on
-    if (f'{os.sep}orbax{os.sep}' in record.pathname or
-        record.name == 'asyncio'):
+    library = (f'{os.sep}orbax{os.sep}' in record.pathname or
+               record.name == 'asyncio')
+    if library and _ENDED:
+      # After the command's error line, e.g. asyncio reporting at exit the
+      # futures of the failed save that nobody awaited: the error says it.
+      return False
+    if library:
       # A failed save's background threads (and the asyncio tasks Orbax
       # leaves) each log the same error with a traceback; the line is
       # enough (the command ends with the error).
