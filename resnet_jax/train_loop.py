@@ -74,9 +74,10 @@ class _StopSignal:
 
 def evaluate(run: run_setup.Run, eval_fn, state, split: str
              ) -> dict[str, float]:
-  """Loss and accuracy over every example of the named split exactly once,
-  under the split's name (`test_accuracy`, `val_loss`, ...)."""
-  sums = {'loss_sum': 0.0, 'correct': 0.0, 'count': 0.0}
+  """Loss, top-1 and top-5 accuracy over every example of the named split
+  exactly once, under the split's name (`test_accuracy`,
+  `val_top5_accuracy`, `val_loss`, ...)."""
+  sums = {'loss_sum': 0.0, 'correct': 0.0, 'correct5': 0.0, 'count': 0.0}
   metrics = [eval_fn(state, b) for b in run.data.eval_batches(split)]
   for m in jax.device_get(metrics):
     for k in sums:
@@ -84,6 +85,7 @@ def evaluate(run: run_setup.Run, eval_fn, state, split: str
   count = max(sums['count'], 1.0)
   return {f'{split}_loss': sums['loss_sum'] / count,
           f'{split}_accuracy': sums['correct'] / count,
+          f'{split}_top5_accuracy': sums['correct5'] / count,
           f'{split}_count': int(sums['count'])}
 
 
@@ -162,6 +164,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
       ckpt.save(state, metrics)
       saved = step
 
+  batches = None
   try:
     batches = run.data.train_batches(step)
     while step < steps.total:
@@ -213,6 +216,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         raise Preempted(step, stop.signum)
     save()
   finally:
+    if hasattr(batches, 'close'):
+      batches.close()  # a streamed dataset's decoding workers
     profiler.stop()
     stop.restore()
     ckpt.close()
@@ -254,6 +259,7 @@ def evaluate_checkpoint(config: Any, workdir: str) -> dict[str, float]:
     if jax.process_index() == 0:
       print(f'step {result["step"]}: {split} loss '
             f'{metrics[f"{split}_loss"]:.4f}, {split} acc '
-            f'{metrics[f"{split}_accuracy"]:.4f} over '
+            f'{metrics[f"{split}_accuracy"]:.4f}, top-5 '
+            f'{metrics[f"{split}_top5_accuracy"]:.4f} over '
             f'{metrics[f"{split}_count"]} examples', flush=True)
   return result

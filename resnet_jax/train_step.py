@@ -114,16 +114,24 @@ def train_step(state: TrainState, batch: Batch, *, preprocess: Preprocess,
 
 def eval_step(state: TrainState, batch: Batch, *, preprocess: Preprocess,
               num_classes: int) -> Metrics:
-  """Masked sums of loss and correct predictions with running BN averages."""
+  """Masked sums of loss, top-1 and top-5 correct predictions, with the
+  running BatchNorm averages."""
   images = preprocess(batch['image'], None)
   logits = state.apply_fn({'params': state.params,
                            'batch_stats': state.batch_stats}, images,
                           train=False)
   mask = batch['mask'].astype(jnp.float32)
-  loss = cross_entropy(logits, batch['label'], num_classes)
-  correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
+  labels = batch['label']
+  loss = cross_entropy(logits, labels, num_classes)
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  # Top-5: the label among the 5 highest logits (all of them, with fewer
+  # than 5 classes); ties at the 5th place count as in the top 5.
+  k = min(5, logits.shape[-1])
+  fifth = jax.lax.top_k(logits, k)[0][:, -1]
+  label_logit = jnp.take_along_axis(logits, labels[:, None], -1)[:, 0]
+  correct5 = (label_logit >= fifth).astype(jnp.float32)
   return {'loss_sum': jnp.sum(loss * mask), 'correct': jnp.sum(correct * mask),
-          'count': jnp.sum(mask)}
+          'correct5': jnp.sum(correct5 * mask), 'count': jnp.sum(mask)}
 
 
 def jit_steps(replicated: jax.sharding.Sharding,
