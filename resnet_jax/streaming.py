@@ -39,6 +39,7 @@ workers import it (preparing a dataset imports TFDS on demand).
 """
 
 import dataclasses
+import functools
 import io
 import math
 import os
@@ -265,6 +266,22 @@ def default_workers() -> int:
   return max(cores - 1, 0)
 
 
+def _exit_with_parent(parent: int, worker_index: int, worker_count: int
+                      ) -> None:
+  """In each Grain worker: exit as soon as the training process `parent` is
+  gone (killed with SIGKILL, it cannot stop its workers, which would live
+  on holding its output pipes; a worker may also still be starting then)."""
+  del worker_index, worker_count
+  import threading  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    os._exit(0)  # pylint: disable=protected-access
+
+  threading.Thread(target=watch, daemon=True).start()
+
+
 def iterate(plan: Plan, start: int, stop: int, workers: int | None = None
             ) -> Iterator[dict[str, np.ndarray]]:
   """Batches start, start+1, ..., stop-1 of `plan`, decoded by Grain.
@@ -284,7 +301,9 @@ def iterate(plan: Plan, start: int, stop: int, workers: int | None = None
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1,
                                               prefetch_buffer_size=1))
     it = it.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=workers, per_worker_buffer_size=2))
+        num_workers=workers, per_worker_buffer_size=2),
+                        worker_init_fn=functools.partial(_exit_with_parent,
+                                                         os.getpid()))
   else:
     threads = max(1, min(4, os.cpu_count() or 1))
     it = ds.to_iter_dataset(grain.ReadOptions(
