@@ -27,12 +27,12 @@ is counted once.
 
 Decoding: JPEGs with libjpeg-turbo through simplejpeg (scaled down in the
 DCT when the crop is at least twice the output), other formats (TFDS stores
-the small datasets as PNG) with Pillow. Datasets of one image size are
+the small datasets as PNG) with Pillow; the crops resized with OpenCV. Datasets of one image size are
 decoded as stored and augmented on the device like in-memory data; ImageNet
 is cropped on the host: Inception crop (area 0.08-1, aspect 3/4-4/3, 10
 tries, else the whole image) + flip for training, the centre
 image_size/(image_size + eval_crop_padding) of the shorter side for
-evaluation, resized bicubically to image_size.
+evaluation, resized bicubically to image_size (as tf.data did).
 
 This module imports no JAX, TensorFlow or TFDS at import time: Grain's
 workers import it (preparing a dataset imports TFDS on demand).
@@ -114,11 +114,22 @@ def centre_window(h: int, w: int, size: int, padding: int
   return (h - crop + 1) // 2, (w - crop + 1) // 2, crop, crop
 
 
+def _cv2():
+  try:
+    import cv2  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise UserError(f'streaming ImageNet-style datasets needs opencv-python-'
+                    f'headless ({e}): pip install -r requirements.txt') from None
+  cv2.setNumThreads(1)  # one image per call; the parallelism is Grain's
+  return cv2
+
+
 def crop_resize(encoded: bytes, window_fn, size: int, channels: int,
                 flip: bool = False) -> np.ndarray:
   """Decodes the window `window_fn(h, w)` of `encoded`, resized bicubically
-  to (size, size, channels) uint8, mirrored when `flip`."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  (OpenCV: 5x Pillow's speed; no antialiasing, like tf.image.resize) to
+  (size, size, channels) uint8, mirrored when `flip`."""
+  cv2 = _cv2()
   h, w = image_shape(encoded)
   y, x, ch, cw = window_fn(h, w)
   scale = 1
@@ -127,12 +138,14 @@ def crop_resize(encoded: bytes, window_fn, size: int, channels: int,
   image = decode(encoded, channels, (-(-h // scale), -(-w // scale))
                  if scale > 1 else None)
   fy, fx = image.shape[0] / h, image.shape[1] / w
-  pil = Image.fromarray(image[..., 0] if channels == 1 else image)
-  pil = pil.resize((size, size), Image.BICUBIC,
-                   box=(x * fx, y * fy, (x + cw) * fx, (y + ch) * fy))
+  y0, x0 = int(y * fy), int(x * fx)
+  y1 = max(min(int(round((y + ch) * fy)), image.shape[0]), y0 + 1)
+  x1 = max(min(int(round((x + cw) * fx)), image.shape[1]), x0 + 1)
+  out = cv2.resize(image[y0:y1, x0:x1], (size, size),
+                   interpolation=cv2.INTER_CUBIC)
   if flip:
-    pil = pil.transpose(Image.FLIP_LEFT_RIGHT)
-  return np.asarray(pil).reshape(size, size, channels)
+    out = out[:, ::-1]
+  return np.ascontiguousarray(out).reshape(size, size, channels)
 
 
 def example_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
@@ -192,7 +205,12 @@ class BatchLoader:
   def _read(self, indices: list[int]) -> list[bytes]:
     if self._source is None:
       self._source = records.open_source(list(self.plan.files))
-    return self._source.__getitems__(indices)
+    if len(indices) > 1:
+      try:
+        return self._source.__getitems__(indices)  # parallel reads
+      except ValueError:  # array_record: no spare core for its reader pool
+        pass
+    return [self._source[i] for i in indices]
 
   def _permutation(self, epoch: int) -> np.ndarray:
     if self._perm is None or self._perm[0] != epoch:
