@@ -108,6 +108,10 @@ class StreamingData(Data):
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         workers=data_config.stream_workers)
+    workers = data_config.stream_workers
+    # Processes decoding: the workers, else this process's threads.
+    self.decoding_processes = (streaming.default_workers() if workers is None
+                               else workers) or 1
     sizes = self._stream.sizes
     super().__init__(spec, mesh, sizes['train'],
                      {k: sizes[k] for k in spec.eval_splits},
