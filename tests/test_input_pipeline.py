@@ -249,7 +249,8 @@ def test_cli_reports_the_cache(fashion, capsys, monkeypatch):
                           name, data_dir))
   # main reads the absl flags that _define_flags declares.
   monkeypatch.setattr(absl_flags, 'FLAGS', types.SimpleNamespace(
-      dataset='fashion_mnist', data_dir=data_dir, manual_dir=None))
+      dataset='fashion_mnist', data_dir=data_dir, manual_dir=None,
+      pipeline=None))
   assert not ip.main(['input_pipeline'])
   folder, size = capsys.readouterr().out.split()[:2]
   assert folder == ip.cache_dir('fashion_mnist', data_dir)
