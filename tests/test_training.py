@@ -172,3 +172,20 @@ def test_validation_split_is_evaluated_and_selects_the_best(fake_data_dir,
   evaluated = train_loop.evaluate_checkpoint(config, str(tmp_path))
   assert evaluated['val_count'] == 56 and evaluated['test_count'] == 100
   assert evaluated['val_accuracy'] == pytest.approx(result['val_accuracy'])
+
+
+def test_eval_step_counts_top1_and_top5_over_the_mask():
+  import types  # pylint: disable=g-import-not-at-top
+  from resnet_jax import train_step  # pylint: disable=g-import-not-at-top
+  # 7 classes; the label's rank: 1st, 3rd, 5th, 6th, and a padded row.
+  logits = np.array([[9, 1, 2, 3, 4, 5, 6], [1, 9, 8, 3, 4, 5, 6],
+                     [1, 2, 3, 4, 9, 8, 7], [6, 5, 4, 3, 2, 1, 0],
+                     [0, 1, 2, 3, 4, 5, 6]], np.float32)
+  state = types.SimpleNamespace(params=None, batch_stats=None,
+                                apply_fn=lambda v, x, train: logits)
+  batch = {'image': np.zeros((5, 1)), 'label': np.array([0, 6, 2, 5, 0]),
+           'mask': np.array([True, True, True, True, False])}
+  m = train_step.eval_step(state, batch, preprocess=lambda x, rng: x,
+                           num_classes=7)
+  assert (float(m['correct']), float(m['correct5']), float(m['count'])) == (
+      1.0, 3.0, 4.0)
