@@ -5,6 +5,7 @@ decoders; real Fashion-MNIST converted from TFDS's files; and train.py
 killed with SIGKILL and resumed with TensorFlow not importable."""
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -249,3 +250,36 @@ def test_streamed_run_killed_and_resumed_equals_uninterrupted_without_tf(
   evals = [r for r in ref_records if 'test_accuracy' in r]
   assert [r['test_count'] for r in evals] == [100, 100]
   assert all(r['test_accuracy'] <= r['test_top5_accuracy'] for r in evals)
+
+
+def test_two_processes_assemble_the_one_process_batches(stream_dir):
+  # Each of 2 processes (2 simulated devices each) decodes its half of every
+  # global batch; assembled with make_array_from_process_local_data they
+  # are the batches of 1 process on 4 devices, evaluation included.
+  from test_checkpoints import _free_port  # pylint: disable=g-import-not-at-top
+  script = [sys.executable, str(ROOT / 'tests' / 'multidevice_checks.py'),
+            'stream_batches', stream_dir]
+  port = _free_port()
+
+  def env(processes, index):
+    devices = 4 // processes
+    extra = {} if processes == 1 else dict(
+        JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(index),
+        JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}')
+    return _env(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+                **extra)
+
+  procs = [subprocess.Popen(script, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env(n, i))
+           for n, i in ((1, 0), (2, 0), (2, 1))]
+  results = []
+  for p in procs:
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    results.append(json.loads(out.strip().splitlines()[-1]))
+  one, two = results[0], results[1:]
+  assert one['processes'] == 1 and all(r['processes'] == 2 for r in two)
+  assert all(r['devices'] == 4 for r in results) and one['eval_count'] == 100
+  for r in two:
+    assert (r['train'], r['eval_count'], r['eval_label_sum']) == (
+        one['train'], 100, one['eval_label_sum'])
