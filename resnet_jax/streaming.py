@@ -345,8 +345,10 @@ def prepared(spec: datasets.DatasetSpec, data_dir: str | None,
   data_dir = data_dir or tfds_io.default_data_dir()
   found = records.find(spec.name, data_dir, _tfds_splits(spec))
   if found is None and prepare:
-    tfds_io.prepare_array_record(spec.name, data_dir, manual_dir)
-    found = records.find(spec.name, data_dir, _tfds_splits(spec))
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    if importlib.util.find_spec('tensorflow_datasets') is not None:
+      tfds_io.prepare_array_record(spec.name, data_dir, manual_dir)
+      found = records.find(spec.name, data_dir, _tfds_splits(spec))
   if found is None:
     raise UserError(
         f'{spec.name} is not prepared as ArrayRecord in {data_dir}; prepare '
