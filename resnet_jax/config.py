@@ -127,7 +127,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         'stream_workers': Field(None, 'stream: decoding processes per '
                                 'training process; 0: threads of the '
                                 'training process; unset: one per core it '
-                                'may use, less one', optional=True,
+                                'may use, less one, at most 32', optional=True,
                                 **_non_negative()),
         'image_size': Field(None, 'model input side, resized on the device; '
                             "unset: the dataset's native size",

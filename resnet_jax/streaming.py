@@ -274,14 +274,18 @@ class BatchLoader:
     return decode(first, p.channels).shape
 
 
+MAX_DEFAULT_WORKERS = 32  # ~15,000 ImageNet images/s at ~470 per core
+
+
 def default_workers() -> int:
   """One decoding process per core this process may use, less one for the
-  training loop; 0 (decode in this process's threads) on a single core."""
+  training loop, at most MAX_DEFAULT_WORKERS (each holds its own Python and
+  buffers); 0 (decode in this process's threads) on a single core."""
   try:
     cores = len(os.sched_getaffinity(0))
   except AttributeError:
     cores = os.cpu_count() or 1
-  return max(cores - 1, 0)
+  return min(max(cores - 1, 0), MAX_DEFAULT_WORKERS)
 
 
 def _exit_with_parent(parent: int, worker_index: int, worker_count: int
