@@ -109,7 +109,8 @@ def parse_example(serialized: bytes) -> dict[str, list]:
 
 
 def _len_delimited(number: int, payload: bytes) -> bytes:
-  return _encode_varint(number << 3 | 2) + _encode_varint(len(payload)) + payload
+  return (_encode_varint(number << 3 | 2) + _encode_varint(len(payload)) +
+          payload)
 
 
 def _encode_varint(v: int) -> bytes:
@@ -283,7 +284,8 @@ def convert_tfrecord_folder(folder: str, name: str) -> list[str]:
   them. Each is written under a temporary name and renamed when whole."""
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   written = []
-  pattern = os.path.join(glob.escape(folder), f'{glob.escape(name)}-*.tfrecord-*')
+  pattern = os.path.join(glob.escape(folder),
+                         f'{glob.escape(name)}-*.tfrecord-*')
   for path in sorted(glob.glob(pattern)):
     target = path.replace('.tfrecord-', f'.{SUFFIX}-')
     tmp = os.path.join(folder, f'.tmp-{os.getpid()}-{os.path.basename(target)}')

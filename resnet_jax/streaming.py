@@ -27,15 +27,16 @@ is counted once.
 
 Decoding: JPEGs with libjpeg-turbo through simplejpeg (scaled down in the
 DCT when the crop is at least twice the output), other formats (TFDS stores
-the small datasets as PNG) with Pillow; the crops resized with OpenCV. Datasets of one image size are
-decoded as stored and augmented on the device like in-memory data; ImageNet
-is cropped on the host: Inception crop (area 0.08-1, aspect 3/4-4/3, 10
-tries, else the whole image) + flip for training, the centre
-image_size/(image_size + eval_crop_padding) of the shorter side for
-evaluation, resized bicubically to image_size (as tf.data did).
+the small datasets as PNG) with Pillow; the crops resized with OpenCV.
+Datasets of one image size are decoded as stored and augmented on the device
+like in-memory data; ImageNet is cropped on the host: Inception crop (area
+0.08-1, aspect 3/4-4/3, 10 tries, else the whole image) + flip for training,
+the centre image_size/(image_size + eval_crop_padding) of the shorter side
+for evaluation, resized bicubically to image_size (as tf.data did).
 
 This module imports no JAX, TensorFlow or TFDS at import time: Grain's
-workers import it (preparing a dataset imports TFDS on demand).
+workers import it (Grain itself imports JAX there, but no worker starts a
+JAX backend; preparing a dataset imports TFDS on demand).
 """
 
 import dataclasses
@@ -102,8 +103,8 @@ def inception_window(rng: np.random.Generator, h: int, w: int
     cw = int(round(math.sqrt(target * aspect)))
     ch = int(round(math.sqrt(target / aspect)))
     if 0 < cw <= w and 0 < ch <= h:
-      return (int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)),
-              ch, cw)
+      return (int(rng.integers(0, h - ch + 1)),
+              int(rng.integers(0, w - cw + 1)), ch, cw)
   return 0, 0, h, w
 
 
@@ -118,8 +119,9 @@ def _cv2():
   try:
     import cv2  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise UserError(f'streaming ImageNet-style datasets needs opencv-python-'
-                    f'headless ({e}): pip install -r requirements.txt') from None
+    raise UserError(f'streaming ImageNet-style datasets needs opencv-'
+                    f'python-headless ({e}): pip install -r '
+                    'requirements.txt') from None
   cv2.setNumThreads(1)  # one image per call; the parallelism is Grain's
   return cv2
 

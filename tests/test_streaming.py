@@ -121,10 +121,10 @@ def test_random_draws_differ_across_processes_and_examples(stream_dir):
   # particular row r of process 0 and row r of process 1.
   spec = datasets.DatasetSpec('cifar10', 10, 3, None, (0.5,) * 3, (0.5,) * 3,
                               'stream', 32, {'test': 'test'}, {'test': 32})
-  rows = np.concatenate([
-      streaming.BatchLoader(_stream(stream_dir, spec, process=(p, 2),
-                                    image_size=16).plan('train', 16))(0)['image']
-      for p in range(2)])
+  loaders = [streaming.BatchLoader(_stream(
+      stream_dir, spec, process=(p, 2), image_size=16).plan('train', 16))
+             for p in range(2)]
+  rows = np.concatenate([loader(0)['image'] for loader in loaders])
   assert len({r.tobytes() for r in rows}) == 16
   seeds = {streaming.example_rng(0, e, i).integers(1 << 62)
            for e in range(3) for i in range(1000)}
