@@ -259,7 +259,7 @@ def evaluate_checkpoint(config: Any, workdir: str) -> dict[str, float]:
     if jax.process_index() == 0:
       print(f'step {result["step"]}: {split} loss '
             f'{metrics[f"{split}_loss"]:.4f}, {split} acc '
-            f'{metrics[f"{split}_accuracy"]:.4f}, top-5 '
-            f'{metrics[f"{split}_top5_accuracy"]:.4f} over '
+            f'{metrics[f"{split}_accuracy"]:.4f} (top-5 '
+            f'{metrics[f"{split}_top5_accuracy"]:.4f}) over '
             f'{metrics[f"{split}_count"]} examples', flush=True)
   return result
