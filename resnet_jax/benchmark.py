@@ -239,12 +239,29 @@ def _data_ratio(train: Any, state: Any, run: run_setup.Run, batch: dict,
     state, t = _pipelined(data_step, state, opts.steps)
     t_data.append(t)
   ratios = [s / d for s, d in zip(t_syn, t_data)]
-  return state, {
+  batches.close()
+  result = {
       'dataset': run.data.spec.name, 'rounds': opts.ratio_rounds,
       'ratios': ratios, 'ratio_median': statistics.median(ratios),
       'ratio_of_totals': sum(t_syn) / sum(t_data),
       'images_per_s': opts.ratio_rounds * opts.steps
                       * run.config.data.batch_size / sum(t_data)}
+  if isinstance(run.data, device_data.StreamingData):
+    # The stream alone (decoded, on the devices, no step), from steps not
+    # read above, per decoding process: on a CPU, the figure per core.
+    alone = run.data.train_batches((opts.ratio_rounds + 1) * opts.steps + 1)
+    jax.block_until_ready(next(alone))
+    start = time.perf_counter()
+    for _ in range(opts.steps):
+      jax.block_until_ready(next(alone))
+    rate = opts.steps * run.config.data.batch_size / (
+        time.perf_counter() - start)
+    alone.close()
+    processes = max(run.data.decoding_processes, 1)
+    result.update(stream_alone_images_per_s=rate,
+                  decoding_processes=processes,
+                  images_per_s_per_process=rate / processes)
+  return state, result
 
 
 def run_benchmark(opts: Options) -> dict:
@@ -401,6 +418,11 @@ def print_report(r: dict) -> None:
           f'{d["ratio_of_totals"]:.3f} of synthetic over {d["rounds"]} '
           f'alternating rounds (per round: '
           f'{", ".join(f"{x:.3f}" for x in d["ratios"])})')
+    if 'stream_alone_images_per_s' in d:
+      print(f'  the stream alone: {d["stream_alone_images_per_s"]:.1f} '
+            f'images/s with {d["decoding_processes"]} decoding processes, '
+            f'{d["images_per_s_per_process"]:.1f} per process (per core '
+            'when each has one)')
   load = r['load_average']
   print(f'max RSS {_fmt_bytes(r["max_rss_bytes"])}; load average '
         f'{load["start"][0]:.2f} -> {load["end"][0]:.2f}')

@@ -120,6 +120,16 @@ SCHEMA: dict[str, dict[str, Field]] = {
         'tfds_manual_dir': Field(None, 'offline: a folder with the download '
                                  'files (named as in their URLs); unset: '
                                  'download', str, optional=True),
+        'pipeline': Field(None, "memory: the uint8 dataset copied to every "
+                          'device; stream: Grain over ArrayRecord files, '
+                          "decoded on the host; unset: the dataset's own "
+                          '(stream for ImageNet, else memory)', optional=True,
+                          **_one_of('memory', 'stream')),
+        'stream_workers': Field(None, 'stream: decoding processes per '
+                                'training process; 0: threads of the '
+                                'training process; unset: one per core it '
+                                'may use, less one, at most 32', optional=True,
+                                **_non_negative()),
         'image_size': Field(None, 'model input side, resized on the device; '
                             "unset: the dataset's native size",
                             optional=True, **_positive()),
@@ -352,16 +362,20 @@ def _validate_together(config: Any) -> None:
     raise UserError("config field run.eval_weights='ema' needs an EMA: set "
                     '--config.optim.ema_decay (e.g. 0.999)')
   spec = datasets.get(d.dataset)
-  if spec.storage == 'stream':
-    if d.image_size is None:
-      raise UserError(f'config field data.image_size must be set for '
-                      f'{d.dataset}, whose images vary in size (e.g. '
-                      '--config.data.image_size=224)')
+  if d.pipeline == 'memory' and spec.storage == 'stream':
+    raise UserError(f'config field data.pipeline=\'memory\' is invalid for '
+                    f'{d.dataset}: it does not fit in memory; use '
+                    "--config.data.pipeline=stream or leave it unset")
+  if spec.native_size is None and d.image_size is None:
+    raise UserError(f'config field data.image_size must be set for '
+                    f'{d.dataset}, whose images vary in size (e.g. '
+                    '--config.data.image_size=224)')
+  if (d.pipeline or spec.storage) == 'stream':
     if d.validation_examples:
       raise UserError(f'config field data.validation_examples='
                       f'{d.validation_examples}: a held-out split is only '
                       f'available for in-memory datasets, and {d.dataset} is '
-                      'streamed; use 0')
+                      'streamed; use 0 (or --config.data.pipeline=memory)')
   elif d.validation_examples >= spec.num_train:
     raise _bad('data.validation_examples', d.validation_examples,
                f'in [0, {spec.num_train}) for {d.dataset}')

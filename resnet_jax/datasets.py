@@ -1,10 +1,10 @@
 """One row per dataset: everything training, evaluation, streaming and
 predict.py need to know about it, in one place.
 
-To add a dataset, add a row. `storage` says how training reads it: 'memory'
-(read once as uint8, copied to every device, batched by index inside the
-step; see input_pipeline.py) or 'stream' (decoded on the host each epoch
-through tf.data; see streaming.py).
+To add a dataset, add a row. `storage` says how training reads it unless
+data.pipeline says otherwise: 'memory' (read once as uint8, copied to every
+device, batched by index inside the step; see input_pipeline.py) or 'stream'
+(ArrayRecord files decoded on the host by Grain; see streaming.py).
 
 Evaluation sets have names of their own: `eval_splits` maps each name to the
 TFDS split it reads ('test' -> 'test' for the small datasets; ImageNet's

@@ -9,9 +9,10 @@ sharded batches from any step on (`train_batches`) or of a named set
 In memory (`InMemoryData`): the dataset is copied to every device once, as
 uint8; a train batch is a gather by a (global, sharded) index array inside a
 jitted function, so per step the host ships only `batch_size` integers and
-never starves the accelerator. Streamed (`StreamingData`, ImageNet): tf.data
-on each process, and a background thread assembles the global batches and
-puts them on the devices ahead of the step. Either way the order of examples
+never starves the accelerator. Streamed (`StreamingData`, ImageNet, or any
+dataset with data.pipeline='stream'): Grain over ArrayRecord files on each
+process, and a background thread assembles the global batches and puts them
+on the devices ahead of the step. Either way the order of examples
 is a pure function of (seed, epoch), and `train_batches(step)` continues
 exactly where an uninterrupted run would be.
 """
@@ -28,7 +29,6 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from resnet_jax import datasets, input_pipeline, preprocess, sharding
-from resnet_jax.durations import steps_per_epoch
 
 Batch = dict[str, jax.Array]
 
@@ -94,87 +94,100 @@ class InMemoryData(Data):
 
 
 class StreamingData(Data):
-  """A dataset read through tf.data, each process reading its own share."""
+  """A dataset streamed from ArrayRecord files by Grain (streaming.py): each
+  process decodes its slice of every global batch, and a background thread
+  assembles the global batches on the devices ahead of the step."""
 
   def __init__(self, spec: datasets.DatasetSpec, mesh: Mesh, data_config: Any,
                image_size: int, seed: int):
-    from resnet_jax import streaming, tfds_io  # pylint: disable=g-import-not-at-top
-    self._streaming = streaming
-    self._dirs = dict(data_dir=data_config.tfds_data_dir,
-                      manual_dir=data_config.tfds_manual_dir)
-    self._image_size = image_size
-    builder = tfds_io.builder(spec.name, data_config.tfds_data_dir)
-    super().__init__(
-        spec, mesh, streaming.split_size(builder, spec, 'train'),
-        {k: streaming.split_size(builder, spec, k) for k in spec.eval_splits},
-        data_config.batch_size, data_config.eval_batch_size, seed)
-
-  def _stream(self, split: str, batch_size: int, train: bool, epoch: int):
-    return self._streaming.streaming_dataset(
-        self.spec, split, batch_size_per_process=batch_size //
-        jax.process_count(), image_size=self._image_size, train=train,
-        seed=self.seed, epoch=epoch, **self._dirs)
+    from resnet_jax import streaming  # pylint: disable=g-import-not-at-top
+    found = streaming.prepared(spec, data_config.tfds_data_dir,
+                               data_config.tfds_manual_dir)
+    self._stream = streaming.Stream(
+        spec, found, image_size=image_size, seed=seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        workers=data_config.stream_workers)
+    workers = data_config.stream_workers
+    # Processes decoding: the workers, else this process's threads.
+    self.decoding_processes = (streaming.default_workers() if workers is None
+                               else workers) or 1
+    sizes = self._stream.sizes
+    super().__init__(spec, mesh, sizes['train'],
+                     {k: sizes[k] for k in spec.eval_splits},
+                     data_config.batch_size, data_config.eval_batch_size, seed)
 
   def train_batches(self, start_step: int) -> Iterator[Batch]:
-    steps = steps_per_epoch(self.num_train, self.batch_size)
-    epoch, offset = divmod(start_step, steps)
-
-    def host_batches():
-      e, skip = epoch, offset
-      while True:
-        for i, batch in enumerate(self._stream('train', self.batch_size, True,
-                                               e)):
-          if i >= steps:
-            break
-          if i >= skip:  # resuming: the epoch's order is fixed, skip ahead
-            yield batch
-        e, skip = e + 1, 0
-
-    return _prefetch_to_device(self.mesh, host_batches())
+    # Batch k is a pure function of (seed, k): a resumed run reads nothing
+    # before its step.
+    return _prefetch_to_device(
+        self.mesh, self._stream.train(self.batch_size, start_step))
 
   def eval_batches(self, split: str) -> Iterator[Batch]:
     return _prefetch_to_device(
-        self.mesh, self._stream(split, self.eval_batch_size, False, 0))
+        self.mesh, self._stream.evaluation(split, self.eval_batch_size))
 
 
 def _prefetch_to_device(mesh: Mesh, batches: Iterator[dict[str, np.ndarray]],
                         size: int = 2) -> Iterator[Batch]:
-  """Global device batches, assembled `size` steps ahead in a thread."""
+  """Global device batches, assembled `size` steps ahead in a thread.
+
+  Closing the returned generator (or dropping it) stops the thread, which
+  then closes `batches` (Grain's iterator: its worker processes and shared
+  memory).
+  """
   queue: collections.deque = collections.deque()
   ready = threading.Semaphore(0)
   space = threading.Semaphore(size)
+  stop = threading.Event()
   done = object()
 
   def produce():
     try:
       for batch in batches:
-        space.acquire()
+        while not space.acquire(timeout=0.2):
+          if stop.is_set():
+            return
+        if stop.is_set():
+          return
         queue.append(sharding.global_batch_from_local(mesh, batch))
         ready.release()
     except BaseException as e:  # pylint: disable=broad-except
       queue.append(e)
       ready.release()
       return
+    finally:
+      close = getattr(batches, 'close', None)
+      if close is not None:
+        close()
     queue.append(done)
     ready.release()
 
   threading.Thread(target=produce, daemon=True).start()
-  while True:
-    ready.acquire()
-    item = queue.popleft()
-    if item is done:
-      return
-    if isinstance(item, BaseException):
-      raise item
-    space.release()
-    yield item
+  try:
+    while True:
+      ready.acquire()
+      item = queue.popleft()
+      if item is done:
+        return
+      if isinstance(item, BaseException):
+        raise item
+      space.release()
+      yield item
+  finally:
+    stop.set()
+
+
+def pipeline(data_config: Any) -> str:
+  """'memory' or 'stream': data.pipeline, else the dataset's own storage."""
+  return data_config.pipeline or datasets.get(data_config.dataset).storage
 
 
 def load(config: Any, mesh: Mesh) -> Data:
   """The run's dataset (config.data), on the devices."""
   d = config.data
   spec = datasets.get(d.dataset)
-  if spec.storage == 'stream':
+  if pipeline(d) == 'stream':
     return StreamingData(spec, mesh, d, datasets.image_size(spec, d.image_size),
                          config.run.seed)
   splits = input_pipeline.load_in_memory(

@@ -14,6 +14,8 @@ from `manual_dir` when given), after which the cache is written.
 Command line, to build a compact cache to carry elsewhere:
   python -m resnet_jax.input_pipeline --dataset fashion_mnist \
       --data_dir D --manual_dir M
+or, with --pipeline=stream (ImageNet's default), the ArrayRecord files that
+streaming.py reads without TensorFlow.
 """
 
 import dataclasses
@@ -224,13 +226,33 @@ def prepare_cache(name: str, data_dir: str | None = None,
   return _prepare(datasets.get(name), data_dir, manual_dir)[0]
 
 
+def prepare_stream(name: str, data_dir: str | None = None,
+                   manual_dir: str | None = None) -> tuple[str, list[str]]:
+  """Prepares `name` as ArrayRecord files for streaming (TFDS generates
+  them, or converts a TFRecord preparation); returns the folder and the
+  files."""
+  from resnet_jax import streaming  # pylint: disable=g-import-not-at-top
+  spec = datasets.get(name)
+  found = streaming.prepared(spec, data_dir, manual_dir)
+  files = [f for split in (spec.train_split, *spec.eval_splits.values())
+           for f in found.files(split)]
+  return found.folder, files
+
+
 def main(argv: list[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   del argv
   f = flags.FLAGS
-  folder = prepare_cache(f.dataset, f.data_dir, f.manual_dir)
-  size = sum(os.path.getsize(os.path.join(folder, name))
-             for name in os.listdir(folder))
+  spec = datasets.get(f.dataset)
+  if (f.pipeline or spec.storage) == 'stream':
+    folder, files = prepare_stream(f.dataset, f.data_dir, f.manual_dir)
+  else:
+    if spec.storage == 'stream':
+      raise UserError(f'{spec.name} does not fit in memory: use '
+                      '--pipeline=stream')
+    folder = prepare_cache(f.dataset, f.data_dir, f.manual_dir)
+    files = [os.path.join(folder, name) for name in os.listdir(folder)]
+  size = sum(os.path.getsize(path) for path in files)
   print(f'{folder} {size / 2**20:.1f} MiB')
 
 
@@ -241,6 +263,10 @@ def _define_flags() -> None:
   flags.DEFINE_string('data_dir', None, 'TFDS data dir (default: TFDS\'s).')
   flags.DEFINE_string('manual_dir', None,
                       'Offline: folder with the download files.')
+  flags.DEFINE_enum('pipeline', None, ['memory', 'stream'],
+                    "memory: the uint8 cache; stream: ArrayRecord files for "
+                    "data.pipeline=stream (TFDS's, converted from TFRecord "
+                    "when prepared before); unset: the dataset's own.")
 
 
 if __name__ == '__main__':

@@ -111,6 +111,7 @@ class ShapeData(device_data.Data):
     size = datasets.image_size(spec, config.data.image_size)
     # Stored images at their own size; streamed ones arrive at image_size.
     self.image_shape = spec.image_shape or (size, size, spec.channels)
+    self.streamed = device_data.pipeline(config.data) == 'stream'
 
   def batch(self, train: bool) -> dict[str, jax.ShapeDtypeStruct]:
     n = self.batch_size if train else self.eval_batch_size
@@ -118,8 +119,7 @@ class ShapeData(device_data.Data):
     shapes = {'image': ((n,) + tuple(self.image_shape), np.uint8),
               'label': ((n,), np.int32)}
     if not train:  # in memory an int32 mask, streamed a bool one
-      shapes['mask'] = ((n,), np.bool_ if self.spec.storage == 'stream'
-                        else np.int32)
+      shapes['mask'] = ((n,), np.bool_ if self.streamed else np.int32)
     return {k: jax.ShapeDtypeStruct(s, d, sharding=split)
             for k, (s, d) in shapes.items()}
 

@@ -97,7 +97,8 @@ def plot_curves(workdir: str) -> str | None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   x = [r['epoch'] for r in epochs]
   evaluated = sorted({k for r in epochs for k in r
-                      if k.endswith('_accuracy') and k != 'train_accuracy'})
+                      if k.endswith('_accuracy') and k != 'train_accuracy'
+                      and not k.endswith('_top5_accuracy')})
   fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=100)
   styles = ['-', 'm--'] + ['g-.', 'c:', 'y-.'][:len(evaluated)]
   for key, style in zip(['train_loss', 'train_accuracy'] + evaluated, styles):

@@ -70,11 +70,13 @@ def _network_reachable(urls: list[str], timeout: float = 3.0) -> bool:
 
 
 def ensure_prepared(tfds_builder, manual_dir: str | None,
-                    cache_hint: str | None = None) -> None:
+                    cache_hint: str | None = None,
+                    file_format: str | None = None) -> None:
   """Prepares the dataset (download + generate) unless it already is.
 
   `cache_hint`: where a uint8 cache carried from elsewhere would go, for the
-  offline advice (in-memory datasets only).
+  offline advice (in-memory datasets only). `file_format`: TFDS's
+  ('array_record' for streaming); unset: its default (TFRecord).
   """
   if tfds_builder.is_prepared():
     return
@@ -101,7 +103,8 @@ def ensure_prepared(tfds_builder, manual_dir: str | None,
     raise UserError(how)
   config = tfds.download.DownloadConfig(manual_dir=manual_dir)
   try:
-    tfds_builder.download_and_prepare(download_config=config)
+    tfds_builder.download_and_prepare(download_config=config,
+                                      file_format=file_format)
   except (OSError, AssertionError) as e:
     # Network failures (requests' errors are OSErrors) and TFDS's assertion
     # about an empty manual_dir both mean: the user must supply the files.
@@ -122,3 +125,18 @@ def read_split(tfds_builder, split: str):
 def label_names(tfds_builder) -> list[str]:
   keys = tfds_builder.info.supervised_keys
   return list(tfds_builder.info.features[keys[1]].names)
+
+
+def prepare_array_record(name: str, data_dir: str | None,
+                         manual_dir: str | None = None) -> None:
+  """Prepares `name` as ArrayRecord files (what streaming reads): TFDS
+  generates them (`file_format='array_record'`), or, when the dataset is
+  already prepared as TFRecord files, they are copied record by record into
+  ArrayRecord files beside them (TFDS's own `convert_format` needs Apache
+  Beam; the records, serialized tf.train.Examples, are the same)."""
+  from resnet_jax import records  # pylint: disable=g-import-not-at-top
+  tfds_builder = builder(name, data_dir)
+  if not tfds_builder.is_prepared():
+    ensure_prepared(tfds_builder, manual_dir, file_format='array_record')
+    return
+  records.convert_tfrecord_folder(str(tfds_builder.data_path), name)

@@ -74,10 +74,11 @@ class _StopSignal:
 
 def evaluate(run: run_setup.Run, eval_fn, state, split: str,
              weights: str = 'raw') -> dict[str, float]:
-  """Loss and accuracy over every example of the named split exactly once,
-  under the split's name (`test_accuracy`, `val_loss`, ...), with the EMA
-  model's prefixed `ema_` (`ema_val_accuracy`)."""
-  sums = {'loss_sum': 0.0, 'correct': 0.0, 'count': 0.0}
+  """Loss, top-1 and top-5 accuracy over every example of the named split
+  exactly once, under the split's name (`test_accuracy`,
+  `val_top5_accuracy`, `val_loss`, ...), with the EMA model's prefixed
+  `ema_` (`ema_val_accuracy`)."""
+  sums = {'loss_sum': 0.0, 'correct': 0.0, 'correct5': 0.0, 'count': 0.0}
   metrics = [eval_fn(state, b, weights)
              for b in run.data.eval_batches(split)]
   for m in jax.device_get(metrics):
@@ -87,6 +88,7 @@ def evaluate(run: run_setup.Run, eval_fn, state, split: str,
   name = metric_prefix(weights) + split
   return {f'{name}_loss': sums['loss_sum'] / count,
           f'{name}_accuracy': sums['correct'] / count,
+          f'{name}_top5_accuracy': sums['correct5'] / count,
           f'{name}_count': int(sums['count'])}
 
 
@@ -213,6 +215,7 @@ def _loop(run: run_setup.Run, workdir: str,
       ckpt.save(state, metrics)
       saved = step
 
+  batches = None
   try:
     batches = run.data.train_batches(step)
     while step < steps.total:
@@ -270,6 +273,8 @@ def _loop(run: run_setup.Run, workdir: str,
         raise Preempted(step, stop.signum)
     save()
   finally:
+    if hasattr(batches, 'close'):
+      batches.close()  # a streamed dataset's decoding workers
     profiler.stop()
     stop.restore()
     ckpt.close()
@@ -294,8 +299,10 @@ def split_result(metrics: dict[str, float], name: str) -> str:
   """'test loss ..., test acc ... over N examples' for the metrics of `name`
   (a split, or 'ema_' and a split: 'ema test acc')."""
   label = name.replace('_', ' ')
+  top5 = (f' (top-5 {metrics[f"{name}_top5_accuracy"]:.4f})'
+          if f'{name}_top5_accuracy' in metrics else '')
   return (f'{label} loss {metrics[f"{name}_loss"]:.4f}, {label} acc '
-          f'{metrics[f"{name}_accuracy"]:.4f} over '
+          f'{metrics[f"{name}_accuracy"]:.4f}{top5} over '
           f'{metrics[f"{name}_count"]} examples')
 
 

@@ -202,15 +202,21 @@ def train_step(state: TrainState, batch: Batch, *, preprocess: Preprocess,
 
 def eval_step(state: TrainState, batch: Batch, weights: str = 'raw', *,
               preprocess: Preprocess, num_classes: int) -> Metrics:
-  """Masked sums of loss and correct predictions of the trained ('raw') or
-  the EMA model ('ema'), with its running BN averages."""
+  """Masked sums of loss, top-1 and top-5 correct predictions of the trained
+  ('raw') or the EMA model ('ema'), with its running BatchNorm averages."""
   images = preprocess(batch['image'], None)
   logits = state.apply_fn(state.variables(weights), images, train=False)
   mask = batch['mask'].astype(jnp.float32)
-  loss = cross_entropy(logits, batch['label'], num_classes)
-  correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
+  labels = batch['label']
+  loss = cross_entropy(logits, labels, num_classes)
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  # Top-5: fewer than 5 logits above the label's (ties count as in the top
+  # 5). A comparison and a sum, not lax.top_k: no sort, no custom call.
+  label_logit = jnp.take_along_axis(logits, labels[:, None], -1)
+  above = jnp.sum(logits > label_logit, axis=-1)
+  correct5 = (above < 5).astype(jnp.float32)
   return {'loss_sum': jnp.sum(loss * mask), 'correct': jnp.sum(correct * mask),
-          'count': jnp.sum(mask)}
+          'correct5': jnp.sum(correct5 * mask), 'count': jnp.sum(mask)}
 
 
 def jit_steps(replicated: jax.sharding.Sharding,

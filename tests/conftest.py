@@ -82,3 +82,43 @@ def fashion_mnist_data_dir(tmp_path_factory) -> str:
                                 data_dir=data_dir,
                                 manual_dir=str(FASHION_MNIST_FILES))
   return data_dir
+
+
+def write_stream_dataset(data_dir: str, name: str, sizes: dict[str, int],
+                         shape=(28, 28, 1), num_classes: int = 10,
+                         fmt: str = 'PNG', seed: int = 0,
+                         same_image: bool = False) -> str:
+  """A dataset in TFDS's ArrayRecord layout (`<data_dir>/<name>/1.0.0/`),
+  each example a tf.train.Example of an encoded image and its label, as
+  TFDS writes them. `shape` None: JPEGs of random sizes (ImageNet-like).
+  Learnable like write_fake_dataset: each class a brightness pattern."""
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from resnet_jax import records  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  folder = os.path.join(data_dir, name, '1.0.0')
+  lengths = {}
+  first = None
+  for split, n in sizes.items():
+    serialized = []
+    for _ in range(n):
+      label = int(rng.integers(0, num_classes))
+      if shape is None:
+        h, w = (int(v) for v in rng.integers(24, 72, 2))
+        pixels = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+      else:
+        level = (label * 255) // max(num_classes - 1, 1)
+        pixels = np.clip(level + rng.integers(-40, 41, shape), 0,
+                         255).astype(np.uint8)
+      buf = io.BytesIO()
+      Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else
+                      pixels).save(buf, format='JPEG' if shape is None
+                                   else fmt, quality=90)
+      first = first if (first and same_image) else buf.getvalue()
+      serialized.append(records.serialize_example(
+          {'image': first, 'label': label}))
+    lengths[split] = records.write_split(folder, name, split, serialized,
+                                         num_shards=2 if n > 20 else 1)
+  records.write_info(folder, name, '1.0.0', lengths,
+                     [f'class_{i}' for i in range(num_classes)])
+  return folder

@@ -141,5 +141,39 @@ def train_tiny(workdir: str, data_dir: str) -> dict:
   return {'devices': jax.device_count()}
 
 
+def stream_batches(data_dir: str) -> dict:
+  """Global batches of a streamed dataset, as every process sees them:
+  train steps 5-7 (a resume mid-epoch) and one evaluation, each process
+  decoding its slice (JAX_NUM_PROCESSES etc. make it one of several)."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from resnet_jax import device_data  # pylint: disable=g-import-not-at-top
+  sharding.initialize_distributed()
+  config = config_lib.base_config()
+  config.data.update(dict(tfds_data_dir=data_dir, pipeline='stream',
+                          batch_size=16, eval_batch_size=24,
+                          stream_workers=0))
+  data = device_data.load(config, sharding.make_mesh())
+  digest = hashlib.sha256()
+  batches = data.train_batches(5)
+  for _ in range(3):
+    batch = next(batches)
+    for key in ('image', 'label'):
+      digest.update(np.asarray(multihost_utils.process_allgather(
+          batch[key], tiled=True)).tobytes())
+  batches.close()
+  count = correct = 0
+  for batch in data.eval_batches('test'):
+    mask, label = (np.asarray(multihost_utils.process_allgather(
+        batch[k], tiled=True)) for k in ('mask', 'label'))
+    count += int(mask.sum())
+    correct += int(label[mask].sum())
+  result = {'processes': jax.process_count(), 'devices': jax.device_count(),
+            'train': digest.hexdigest(), 'eval_count': count,
+            'eval_label_sum': correct}
+  sharding.shutdown_distributed()
+  return result
+
+
 if __name__ == '__main__':
   print(json.dumps(globals()[sys.argv[1]](*sys.argv[2:])))

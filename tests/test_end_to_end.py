@@ -187,7 +187,7 @@ def test_every_command_on_the_default_recipes_workdir(fashion_mnist_data_dir,
   assert [r['step'] for r in records] == [8, 16, 20, 20]
   assert set(records[-1]) == {'step', 'epoch', 'train_loss', 'train_accuracy',
                               'examples_per_sec', 'test_loss', 'test_accuracy',
-                              'test_count'}
+                              'test_top5_accuracy', 'test_count'}
   for key in ('loss', 'accuracy', 'grad_norm', 'learning_rate',
               'images_per_sec'):
     assert all(np.isfinite(r[key]) for r in records[:3]), key

@@ -55,7 +55,8 @@ def test_a_finished_run_prints_its_result_and_writes_nothing(
   out = capsys.readouterr().out
   assert again == result
   assert out.startswith('the run ended at step 8 (epoch 1): test loss ')
-  assert f'test acc {result["test_accuracy"]:.4f} over 100 examples' in out
+  assert (f'test acc {result["test_accuracy"]:.4f} (top-5 '
+          f'{result["test_top5_accuracy"]:.4f}) over 100 examples') in out
   assert _snapshot(workdir) == before  # no checkpoint, record, event, curve
   # A longer run continues to its new end.
   longer = config.copy_and_resolve_references()

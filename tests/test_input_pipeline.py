@@ -249,7 +249,8 @@ def test_cli_reports_the_cache(fashion, capsys, monkeypatch):
                           name, data_dir))
   # main reads the absl flags that _define_flags declares.
   monkeypatch.setattr(absl_flags, 'FLAGS', types.SimpleNamespace(
-      dataset='fashion_mnist', data_dir=data_dir, manual_dir=None))
+      dataset='fashion_mnist', data_dir=data_dir, manual_dir=None,
+      pipeline=None))
   assert not ip.main(['input_pipeline'])
   folder, size = capsys.readouterr().out.split()[:2]
   assert folder == ip.cache_dir('fashion_mnist', data_dir)
@@ -277,28 +278,11 @@ def test_cli_errors_are_one_line(tmp_path):
     assert 'Traceback' not in out.stderr
 
 
-# ------------------------------------------------ streaming (tf.data) path
-
-
-@pytest.fixture
-def mock_imagenet(monkeypatch):
-  """imagenet2012 under tfds.testing.mock_data: random JPEGs of random size."""
-  tfds = pytest.importorskip('tensorflow_datasets')
-  # The mock makes download_and_prepare a no-op; skip the network probe too.
-  monkeypatch.setattr(tfds_io, '_network_reachable', lambda urls, **kw: True)
-  with tfds.testing.mock_data(num_examples=21):
-    yield
+# ------------------------------------------------ streamed datasets
+# (Grain over ArrayRecord: tests/test_streaming.py)
 
 
 IMAGENET = datasets.get('imagenet2012')
-
-
-def _stream(train, seed=0, epoch=0):
-  from resnet_jax import streaming  # pylint: disable=g-import-not-at-top
-  return list(streaming.streaming_dataset(
-      IMAGENET, 'train' if train else 'val',
-      batch_size_per_process=4, image_size=32, train=train, seed=seed,
-      epoch=epoch))
 
 
 def test_imagenet_row_streams_and_evaluates_on_val():
@@ -312,64 +296,3 @@ def test_imagenet_row_streams_and_evaluates_on_val():
   with pytest.raises(UserError, match='image_size'):
     datasets.image_size(IMAGENET, None)
   assert datasets.image_size(IMAGENET, 224) == 224
-
-
-def test_streaming_split_sizes_are_imagenets(mock_imagenet):
-  # Our split names: TFDS reads 'validation' for 'val'.
-  from resnet_jax import streaming  # pylint: disable=g-import-not-at-top
-  builder = tfds_io.builder('imagenet2012')
-  assert streaming.split_size(builder, IMAGENET, 'train') == 1_281_167
-  assert streaming.split_size(builder, IMAGENET, 'val') == 50_000
-
-
-def test_streaming_train_batches_are_deterministic(mock_imagenet):
-  batches = _stream(train=True)
-  assert len(batches) == 5  # 21 // 4, incomplete batch dropped
-  for b in batches:
-    assert b['image'].shape == (4, 32, 32, 3) and b['image'].dtype == np.uint8
-    assert b['label'].shape == (4,) and b['label'].dtype == np.int32
-  same = _stream(train=True)
-  for a, b in zip(batches, same):
-    np.testing.assert_array_equal(a['image'], b['image'])
-  other = _stream(train=True, epoch=1)
-  assert not all(np.array_equal(a['image'], b['image'])
-                 for a, b in zip(batches, other))
-
-
-def test_streaming_eval_pads_the_last_batch(mock_imagenet):
-  batches = _stream(train=False)
-  assert len(batches) == 6  # ceil(21 / 4)
-  masks = np.stack([b['mask'] for b in batches])
-  assert masks.sum() == 21 and masks[:5].all()
-  np.testing.assert_array_equal(masks[-1], [True, False, False, False])
-  assert all(b['image'].shape == (4, 32, 32, 3) for b in batches)
-  np.testing.assert_array_equal(batches[-1]['image'][1:], 0)
-
-
-@needs_tfds
-def test_streaming_decoders_on_png_and_jpeg():
-  from resnet_jax import streaming  # pylint: disable=g-import-not-at-top
-  tf, _ = tfds_io.import_tfds()
-  # 64x48 image: black border, white centre; the eval crop keeps the centre.
-  image = np.zeros((64, 48, 3), np.uint8)
-  image[12:52, 4:44] = 255
-  for encoded in (tf.io.encode_png(image), tf.io.encode_jpeg(image,
-                                                             quality=100)):
-    centre = streaming._eval_decode(tf, 16, 32)(encoded).numpy()
-    assert centre.shape == (16, 16, 3) and centre.dtype == np.uint8
-    assert centre.min() > 240  # crop 16/48 of 48 = 16 px square in the centre
-    # No crop padding: the whole centre square (48 of 64x48), border included.
-    whole = streaming._eval_decode(tf, 16, 0)(encoded).numpy()
-    assert whole.shape == (16, 16, 3)
-    assert whole[8, 8].min() > 240 and whole[0, 0].max() < 60
-    crop = streaming._train_decode(tf, 24)(encoded, tf.constant([1, 2],
-                                                                tf.int64))
-    assert crop.shape == (24, 24, 3) and crop.dtype == tf.uint8
-
-
-def test_eval_batches_per_process_equal_for_uneven_shards():
-  from resnet_jax import streaming  # pylint: disable=g-import-not-at-top
-  # 50000 over 3 processes: shards 16667/16667/16666 -> 17 batches of 1000.
-  assert streaming.eval_batches_per_process(50000, 3, 1000) == 17
-  assert streaming.eval_batches_per_process(21, 1, 4) == 6
-  assert streaming.eval_batches_per_process(8, 2, 4) == 1

@@ -74,44 +74,23 @@ def tiny_config(name: str, data_dir: str, **overrides):
   return config
 
 
-@pytest.fixture
-def mock_imagenet(monkeypatch):
-  """imagenet2012 under tfds.testing.mock_data: random JPEGs, streamed."""
-  tfds = pytest.importorskip('tensorflow_datasets')
-  from resnet_jax import tfds_io  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(tfds_io, '_network_reachable', lambda urls, **kw: True)
-  with tfds.testing.mock_data(num_examples=40):
-    yield
-
-
-class _NoCheckpoints:
-  """Orbax's array-metadata write fails under tfds.testing.mock_data's
-  patches; checkpoints have their own tests, so this one skips them."""
-
-  def __init__(self, *args, **kwargs):
-    del args, kwargs
-
-  def all_steps(self):
-    return []
-
-  def save(self, *args, **kwargs):
-    pass
-
-  wait = close = lambda self: None
-
-
-def test_imagenet_config_streams_and_trains(mock_imagenet, tmp_path,
-                                            monkeypatch):
+def test_imagenet_config_streams_and_trains(tmp_path):
   # The recipe (bfloat16, Nesterov, label smoothing, warmup + cosine, the
-  # streamed Inception crop) on a narrow ResNet-50 at 64x64.
-  monkeypatch.setattr(train_loop.checkpointing, 'Checkpointer', _NoCheckpoints)
-  config = tiny_config('imagenet_resnet50', str(tmp_path / 'tfds'), **{
+  # streamed Inception crop) on a narrow ResNet-50 at 32x32, over a tiny
+  # ImageNet of JPEGs in TFDS's ArrayRecord layout.
+  from conftest import write_stream_dataset  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path / 'tfds')
+  write_stream_dataset(data_dir, 'imagenet2012',
+                       {'train': 40, 'validation': 21}, shape=None,
+                       num_classes=1000)
+  config = tiny_config('imagenet_resnet50', data_dir, **{
       'model.width': 8, 'data.image_size': 32, 'data.eval_batch_size': 16,
-      'optim.warmup_steps': 1})
+      'optim.warmup_steps': 1, 'data.stream_workers': 0})
   result = train_loop.train_and_evaluate(config, str(tmp_path / 'run'))
   # ImageNet's labelled evaluation split is TFDS 'validation', named 'val'.
-  assert result['val_count'] == 40  # every mock validation image, once
+  assert result['val_count'] == 21  # every validation image, once
   assert np.isfinite(result['val_loss'])
+  assert 0 <= result['val_accuracy'] <= result['val_top5_accuracy'] <= 1
 
 
 def _blocked_tensorflow(tmp_path) -> str:
@@ -193,3 +172,20 @@ def test_validation_split_is_evaluated_and_selects_the_best(fake_data_dir,
   evaluated = train_loop.evaluate_checkpoint(config, str(tmp_path))
   assert evaluated['val_count'] == 56 and evaluated['test_count'] == 100
   assert evaluated['val_accuracy'] == pytest.approx(result['val_accuracy'])
+
+
+def test_eval_step_counts_top1_and_top5_over_the_mask():
+  import types  # pylint: disable=g-import-not-at-top
+  from resnet_jax import train_step  # pylint: disable=g-import-not-at-top
+  # 7 classes; the label's rank: 1st, 3rd, 5th, 6th, and a padded row.
+  logits = np.array([[9, 1, 2, 3, 4, 5, 6], [1, 9, 8, 3, 4, 5, 6],
+                     [1, 2, 3, 4, 9, 8, 7], [6, 5, 4, 3, 2, 1, 0],
+                     [0, 1, 2, 3, 4, 5, 6]], np.float32)
+  state = types.SimpleNamespace(params=None, batch_stats=None,
+                                apply_fn=lambda v, x, train: logits)
+  batch = {'image': np.zeros((5, 1)), 'label': np.array([0, 6, 2, 5, 0]),
+           'mask': np.array([True, True, True, True, False])}
+  m = train_step.eval_step(state, batch, preprocess=lambda x, rng: x,
+                           num_classes=7)
+  assert (float(m['correct']), float(m['correct5']), float(m['count'])) == (
+      1.0, 3.0, 4.0)
