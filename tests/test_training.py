@@ -181,7 +181,7 @@ def test_eval_step_counts_top1_and_top5_over_the_mask():
   logits = np.array([[9, 1, 2, 3, 4, 5, 6], [1, 9, 8, 3, 4, 5, 6],
                      [1, 2, 3, 4, 9, 8, 7], [6, 5, 4, 3, 2, 1, 0],
                      [0, 1, 2, 3, 4, 5, 6]], np.float32)
-  state = types.SimpleNamespace(params=None, batch_stats=None,
+  state = types.SimpleNamespace(variables=lambda weights: None,
                                 apply_fn=lambda v, x, train: logits)
   batch = {'image': np.zeros((5, 1)), 'label': np.array([0, 6, 2, 5, 0]),
            'mask': np.array([True, True, True, True, False])}
