@@ -193,26 +193,29 @@ class Suite:
     return env
 
   def _prepared(self, dataset: str) -> bool:
-    from resnet_jax import datasets, input_pipeline  # pylint: disable=g-import-not-at-top
-    return (datasets.get(dataset).storage == 'memory' and self.data_dir
-            is not None and input_pipeline.read_cache_info(
-                dataset, self.data_dir) is not None)
+    """Whether the uint8 cache of in-memory `dataset` is in --data_dir."""
+    from resnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    return (self.data_dir is not None and input_pipeline.read_cache_info(
+        dataset, self.data_dir) is not None)
 
   def _bench(self) -> dict[str, Any]:
     import importlib.util  # pylint: disable=g-import-not-at-top
+    from resnet_jax import device_data  # pylint: disable=g-import-not-at-top
     rows = {}
     for row in BENCH_ROWS:
       spec = importlib.util.spec_from_file_location(
           'recipe', os.path.join(ROOT, 'configs', row.config))
       module = importlib.util.module_from_spec(spec)
       spec.loader.exec_module(module)
-      dataset = module.get_config().data.dataset
+      recipe = module.get_config()
+      dataset = recipe.data.dataset
+      streamed = device_data.pipeline(recipe.data) == 'stream'
       overrides = dict(row.overrides)
       if self.smoke:
         overrides.update(row.smoke, **_SMOKE_BATCH)
       if self.data_dir:
         overrides['data.tfds_data_dir'] = self.data_dir
-      real = self._prepared(dataset)
+      real = not streamed and self._prepared(dataset)
       json_path = os.path.join(self.out, 'logs', f'bench_{row.name}.json')
       cmd = [sys.executable, '-m', 'resnet_jax.benchmark',
              f'--config={os.path.join("configs", row.config)}',
@@ -224,10 +227,9 @@ class Suite:
                                       f'bench_{row.name}.log'), self.timeout)
       result['description'] = row.description
       if not real:
-        result['real_data'] = (f'{dataset} is not prepared in --data_dir'
-                               if datasets_memory(dataset) else
-                               f'{dataset} is streamed through TFDS/tf.data, '
-                               'not measured here')
+        result['real_data'] = (f'{dataset} is streamed (ArrayRecord through '
+                               'Grain), not measured here' if streamed else
+                               f'{dataset} is not prepared in --data_dir')
       if result['status'] == 'ok':
         with open(json_path, encoding='utf-8') as f:
           result['figures'] = _bench_figures(json.load(f))
@@ -244,6 +246,7 @@ class Suite:
       overrides.update(smoke, **_SMOKE_TRAIN)
     if self.data_dir:
       overrides['data.tfds_data_dir'] = self.data_dir
+    from resnet_jax import metric_writers  # pylint: disable=g-import-not-at-top
     workdir = os.path.join(self.out, f'{stage}_workdir')
     if os.path.exists(workdir):  # a fresh run every time: its time counts
       shutil.rmtree(workdir)
@@ -257,9 +260,7 @@ class Suite:
     result['overrides'] = overrides
     if result['status'] != 'ok':
       return result
-    records = [json.loads(line) for line in open(
-        os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8')]
-    epochs = [r for r in records if 'epoch' in r]
+    epochs = [r for r in metric_writers.read_records(workdir) if 'epoch' in r]
     last = epochs[-1]
     result['final'] = {k: v for k, v in last.items()
                        if k.endswith(('_accuracy', '_loss')) or k == 'epoch'}
@@ -289,11 +290,6 @@ class Suite:
 
   def _best(self) -> dict[str, Any]:
     return self._train('best')
-
-
-def datasets_memory(dataset: str) -> bool:
-  from resnet_jax import datasets  # pylint: disable=g-import-not-at-top
-  return datasets.get(dataset).storage == 'memory'
 
 
 def _bench_figures(r: dict[str, Any]) -> dict[str, Any]:
