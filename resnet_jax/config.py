@@ -83,7 +83,7 @@ def _dataset_names() -> str:
   return ('a dataset of resnet_jax/datasets.py: ' + ', '.join(datasets.DATASETS))
 
 
-_CONV_IMPLS = ('auto', 'xla', 'patches', 'hybrid')  # resnet_jax.conv.CONV_IMPLS
+_CONV_IMPLS = ('auto', 'xla', 'patches', 'hybrid', 'onednn')  # conv.CONV_IMPLS
 OPTIMIZERS = ('sgd', 'adamw')
 SCHEDULES = ('constant', 'piecewise', 'cosine')
 MODES = ('train', 'eval')

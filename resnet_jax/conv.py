@@ -53,9 +53,10 @@ from flax.linen import dtypes as flax_dtypes
 from flax.linen import linear as flax_linear
 from jax import lax
 
+from resnet_jax import onednn
 from resnet_jax.errors import UserError
 
-CONV_IMPLS = ('auto', 'xla', 'patches', 'hybrid')
+CONV_IMPLS = ('auto', 'xla', 'patches', 'hybrid', 'onednn')
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
@@ -119,10 +120,13 @@ def get_conv(impl: str = 'auto') -> type[nn.Module]:
   as `auto_plan` chooses) and 'xla' elsewhere. An unknown name raises `UserError` listing `CONV_IMPLS`.
   """
   impl = resolve_conv_impl(impl)
+  if impl == 'onednn' and not onednn.available():
+    raise UserError(f'conv_impl="onednn": {onednn.unavailable_reason()}; or use '
+                    'conv_impl="auto", which then takes the other CPU paths')
   if impl != 'xla' and jax.default_backend() == 'cpu':
     configure_cpu_malloc()
   return {'xla': nn.Conv, 'patches': PatchConv, 'hybrid': HybridConv,
-          'per_layer': AutoConv}[impl]
+          'per_layer': AutoConv, 'onednn': OnednnConv}[impl]
 
 
 def extract_patches(x: jax.Array, kernel_size: tuple[int, int],
@@ -181,9 +185,10 @@ def _matmul(a: jax.Array, b: jax.Array, contract: tuple[int, int],
 
 
 def _xla_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads,
-              precision: lax.PrecisionLike) -> jax.Array:
+              precision: lax.PrecisionLike, groups: int = 1) -> jax.Array:
   return lax.conv_general_dilated(x, kernel, strides, pads, precision=precision,
-                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                  feature_group_count=groups)
 
 
 def batch_chunks(batch: int, bytes_per_example: int,
@@ -213,10 +218,13 @@ def _over_chunks(fn, chunks: int, *arrays: jax.Array) -> jax.Array:
 
 def conv_forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads,
                  precision: lax.PrecisionLike, how: str,
-                 limit: int = PATCH_BYTES_LIMIT) -> jax.Array:
-  """The convolution itself: 'patches' (one matmul per chunk) or 'xla' (lax.conv)."""
+                 limit: int = PATCH_BYTES_LIMIT, groups: int = 1) -> jax.Array:
+  """The convolution itself: 'patches' (one matmul per chunk), 'onednn' or
+  'xla' (lax.conv)."""
+  if how == 'onednn':
+    return onednn.conv_forward(x, kernel, strides, pads, groups)
   if how == 'xla':
-    return _xla_conv(x, kernel, strides, pads, precision)
+    return _xla_conv(x, kernel, strides, pads, precision, groups)
   kh, kw, cin, cout = kernel.shape
 
   def one(x):
@@ -233,12 +241,16 @@ def conv_forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads
 
 def conv_input_grad(dy: jax.Array, kernel: jax.Array, x_shape: tuple[int, ...],
                     strides: tuple[int, int], pads: Pads, precision: lax.PrecisionLike,
-                    how: str, limit: int = PATCH_BYTES_LIMIT) -> jax.Array:
-  """d<conv(x), dy>/dx: 'col2im' (one matmul, then a sum of shifted pads) or 'xla'."""
+                    how: str, limit: int = PATCH_BYTES_LIMIT,
+                    groups: int = 1) -> jax.Array:
+  """d<conv(x), dy>/dx: 'col2im' (one matmul, then a sum of shifted pads),
+  'onednn' or 'xla'."""
+  if how == 'onednn':
+    return onednn.conv_input_grad(dy, kernel, x_shape, strides, pads, groups)
   if how == 'xla':
     x = jax.ShapeDtypeStruct(x_shape, dy.dtype)
     return jax.linear_transpose(
-        lambda x: _xla_conv(x, kernel, strides, pads, precision), x)(dy)[0]
+        lambda x: _xla_conv(x, kernel, strides, pads, precision, groups), x)(dy)[0]
   kh, kw, cin, cout = kernel.shape
 
   def one(dy):
@@ -253,13 +265,16 @@ def conv_input_grad(dy: jax.Array, kernel: jax.Array, x_shape: tuple[int, ...],
 
 def conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ...],
                      strides: tuple[int, int], pads: Pads, precision: lax.PrecisionLike,
-                     how: str, limit: int = PATCH_BYTES_LIMIT) -> jax.Array:
+                     how: str, limit: int = PATCH_BYTES_LIMIT,
+                     groups: int = 1) -> jax.Array:
   """d<conv(x), dy>/dkernel: 'patches' (patches^T @ dy, one matmul per chunk,
-  summed over chunks) or 'xla'."""
+  summed over chunks), 'onednn' or 'xla'."""
+  if how == 'onednn':
+    return onednn.conv_kernel_grad(x, dy, kernel_shape, strides, pads, groups)
   if how == 'xla':
     k = jax.ShapeDtypeStruct(kernel_shape, dy.dtype)
     return jax.linear_transpose(
-        lambda k: _xla_conv(x, k, strides, pads, precision), k)(dy)[0]
+        lambda k: _xla_conv(x, k, strides, pads, precision, groups), k)(dy)[0]
   kh, kw, cin, cout = kernel_shape
 
   def one(x, dy):
@@ -290,16 +305,30 @@ Plan = tuple[str, str, str]
 PATCHES_PLAN: Plan = ('patches', 'col2im', 'patches')
 HYBRID_PLAN: Plan = ('xla', 'xla', 'patches')
 XLA_PLAN: Plan = ('xla', 'xla', 'xla')
+ONEDNN_PLAN: Plan = ('onednn', 'onednn', 'onednn')
 
 
 def auto_plan(kernel_shape: tuple[int, ...], strides: tuple[int, int],
-              out_hw: tuple[int, int]) -> Plan:
+              out_hw: tuple[int, int], groups: int = 1,
+              use_onednn: bool = False) -> Plan:
   """The faster formulation of each pass of one layer on XLA's CPU backend.
 
-  A rule read off per-layer timings of every layer shape of ResNet-8/20 at
+  Rules read off per-layer timings of every layer shape of ResNet-8/20 at
   28-32 px and ResNet-18 at 28, 32 and 96 px (python -m
   resnet_jax.profile_conv), then checked on whole train steps (figures in
-  README.md, Performance):
+  README.md, Performance).
+
+  With oneDNN (`use_onednn`: built here, float32 compute):
+  - 1x1 kernels are plain matmuls: patches in every pass, except on maps of
+    10x10 outputs or more, where oneDNN's forward and kernel gradient win.
+  - Otherwise oneDNN's forward and input gradient (1.3-2x the patch passes
+    and XLA's on most layers). Its kernel gradient too on outputs of 7x7
+    and more; on smaller maps oneDNN's (3.2, AVX2) kernel gradient falls to
+    10-60 GFLOP/s (1x1 maps with 512 channels: 10x slower than the
+    matmul), so there it is the patches' matmul.
+  - Grouped convolutions: oneDNN in every pass.
+
+  Without it:
   - 1x1 kernels are plain matmuls (no patch copy): patches in every pass.
   - Outputs of at most 3x3 positions: patches in every pass; XLA's forward
     and input-gradient convolutions are at their slowest there. Also 64 or
@@ -313,39 +342,90 @@ def auto_plan(kernel_shape: tuple[int, ...], strides: tuple[int, int],
     it beat XLA's on every layer shape measured, and whole train steps beat
     the earlier rule (XLA's kernel gradient below 64 channels) on every
     model timed.
+  - Grouped convolutions have no patch form: XLA's.
   """
   kh, kw, _, cout = kernel_shape
   positions = out_hw[0] * out_hw[1]
+  if use_onednn:
+    if groups > 1:
+      return ONEDNN_PLAN
+    if kh * kw == 1:
+      return ('onednn', 'col2im', 'onednn') if positions >= 100 else PATCHES_PLAN
+    return ('onednn', 'onednn', 'onednn' if positions >= 49 else 'patches')
+  if groups > 1:
+    return XLA_PLAN
   if kh * kw == 1 or positions <= 9 or (cout >= 64 and positions <= 64):
     return PATCHES_PLAN
   dgrad = 'col2im' if max(strides) > 1 or cout >= 64 else 'xla'
   return ('xla', dgrad, 'patches')
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
-def patch_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads,
-               precision: lax.PrecisionLike = None, plan: Plan = PATCHES_PLAN,
-               limit: int = PATCH_BYTES_LIMIT) -> jax.Array:
+def per_device(fn, batched: Sequence[bool], summed: bool = False):
+  """`fn` applied to each device's slice of the batch, under a mesh context.
+
+  A custom call (oneDNN's convolutions) is opaque to XLA's SPMD partitioner,
+  which therefore gathers a batch-sharded operand onto every device first;
+  the chunk loops of the patch passes have the same effect (x47 all-gathers,
+  976 MiB per textbook step on 8 devices). Under a mesh context
+  (`jax.set_mesh`, as the train and eval steps are traced) this runs `fn`
+  in a `shard_map` over every mesh axis instead: the arguments marked in
+  `batched` are split along their first axis, the others replicated, and the
+  result is split too, or, when `summed` (a kernel gradient), summed over
+  the devices. Without a mesh of several devices, or with a batch that does
+  not split evenly, it is `fn` itself.
+  """
+  def call(*args: jax.Array) -> jax.Array:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or any(
+        a.shape[0] % mesh.size for a, b in zip(args, batched) if b):
+      return fn(*args)
+    axes = tuple(mesh.axis_names)
+    split = jax.sharding.PartitionSpec(axes)
+
+    def local(*shards):
+      out = fn(*shards)
+      return lax.psum(out, axes) if summed else out
+
+    return jax.shard_map(
+        local, mesh=mesh, check_vma=False,
+        in_specs=tuple(split if b else jax.sharding.PartitionSpec() for b in batched),
+        out_specs=jax.sharding.PartitionSpec() if summed else split)(*args)
+  return call
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
+def planned_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads,
+                 precision: lax.PrecisionLike = None, plan: Plan = PATCHES_PLAN,
+                 limit: int = PATCH_BYTES_LIMIT, groups: int = 1) -> jax.Array:
   """2-D NHWC convolution with an HWIO kernel, each pass computed as `plan`
-  says, patches chunked to at most `limit` bytes."""
-  return conv_forward(x, kernel, strides, pads, precision, plan[0], limit)
+  says (per device, see `per_device`), patches chunked to at most `limit`
+  bytes."""
+  return per_device(
+      lambda x, k: conv_forward(x, k, strides, pads, precision, plan[0], limit, groups),
+      (True, False))(x, kernel)
 
 
-def _patch_conv_fwd(x, kernel, strides, pads, precision, plan, limit):
+def _planned_conv_fwd(x, kernel, strides, pads, precision, plan, limit, groups):
   # Keep x, not its patches (up to kh*kw times larger): the backward pass
   # recomputes them, which costs a copy, not a matmul.
-  return patch_conv(x, kernel, strides, pads, precision, plan, limit), (x, kernel)
+  return (planned_conv(x, kernel, strides, pads, precision, plan, limit, groups),
+          (x, kernel))
 
 
-def _patch_conv_bwd(strides, pads, precision, plan, limit, res, dy):
+def _planned_conv_bwd(strides, pads, precision, plan, limit, groups, res, dy):
   x, kernel = res
-  dx = conv_input_grad(dy, kernel, x.shape, strides, pads, precision, plan[1], limit)
-  dkernel = conv_kernel_grad(x, dy, kernel.shape, strides, pads, precision, plan[2],
-                             limit)
+  dx = per_device(
+      lambda dy, k: conv_input_grad(dy, k, dy.shape[:1] + x.shape[1:], strides, pads,
+                                    precision, plan[1], limit, groups),
+      (True, False))(dy, kernel)
+  dkernel = per_device(
+      lambda x, dy: conv_kernel_grad(x, dy, kernel.shape, strides, pads, precision,
+                                     plan[2], limit, groups),
+      (True, True), summed=True)(x, dy)
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
-patch_conv.defvjp(_patch_conv_fwd, _patch_conv_bwd)
+planned_conv.defvjp(_planned_conv_fwd, _planned_conv_bwd)
 
 
 class Conv(nn.Conv):
@@ -390,20 +470,26 @@ class Conv(nn.Conv):
 
     pads = _explicit_padding(self.padding, x.shape[1:3], kernel_size, strides,
                              kernel_dilation)
+    groups = self.feature_group_count
     plan = self.plan
-    if plan is None:
-      plan = auto_plan(kernel.shape, strides,
-                       _out_hw(x.shape, kernel.shape, strides, pads))
-    if (self.feature_group_count == 1 and input_dilation == (1, 1)
-        and kernel_dilation == (1, 1) and min(min(pads)) >= 0
-        and tuple(plan) != XLA_PLAN):
-      y = patch_conv(x, kernel, strides, pads, self.precision, tuple(plan),
-                     self.patch_bytes_limit)
+    if plan is None or 'onednn' in plan:
+      # oneDNN's convolutions are float32 (bfloat16 compute takes the others).
+      use_onednn = x.dtype == jnp.float32 and onednn.available()
+      if plan is None or not use_onednn:
+        plan = auto_plan(kernel.shape, strides,
+                         _out_hw(x.shape, kernel.shape, strides, pads), groups,
+                         use_onednn)
+    plan = tuple(plan)
+    if (input_dilation == (1, 1) and kernel_dilation == (1, 1)
+        and min(min(pads)) >= 0 and plan != XLA_PLAN
+        and (groups == 1 or set(plan) <= {'onednn', 'xla'})):
+      y = planned_conv(x, kernel, strides, pads, self.precision, plan,
+                       self.patch_bytes_limit, groups)
     else:
       y = lax.conv_general_dilated(
           x, kernel, strides, pads, lhs_dilation=input_dilation,
           rhs_dilation=kernel_dilation, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-          feature_group_count=self.feature_group_count, precision=self.precision)
+          feature_group_count=groups, precision=self.precision)
     if bias is not None:
       y = y + bias
     return y.reshape(batch_shape + y.shape[1:])
@@ -422,9 +508,16 @@ class AutoConv(Conv):
   plan: Plan | None = None
 
 
+class OnednnConv(Conv):
+  """`Conv` with oneDNN's forward and gradients (float32; `auto_plan`'s
+  other paths for bfloat16 compute)."""
+  plan: Plan = ONEDNN_PLAN
+
+
 # Auto-named like nn.Conv ('Conv_0', ...) so that parameter trees stay interchangeable.
 HybridConv.__name__ = 'Conv'
 AutoConv.__name__ = 'Conv'
+OnednnConv.__name__ = 'Conv'
 
 
 def _pair(value: None | int | Sequence[int]) -> tuple[int, int]:

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from resnet_jax import cli, conv
+from resnet_jax import cli, conv, onednn
 from resnet_jax.errors import UserError
 
 # (H, W, Cin, Cout, k, stride, pad, count) per layer shape.
@@ -149,7 +149,11 @@ def layer_ops(layer: Layer, batch: int):
   dy = jax.random.normal(kd, y_shape)
   ops = {}
   args = ((s, s), pads, None)
-  plans = dict(IMPLS, auto=conv.auto_plan(w.shape, (s, s), y_shape[1:3]))
+  plans = dict(IMPLS)
+  if onednn.available():
+    plans['onednn'] = conv.ONEDNN_PLAN
+  plans['auto'] = conv.auto_plan(w.shape, (s, s), y_shape[1:3],
+                                 use_onednn=onednn.available())
   for name, (f_how, d_how, w_how) in plans.items():
     ops[name] = {
         'fwd': (functools.partial(conv.conv_forward, strides=(s, s), pads=pads,
@@ -217,7 +221,9 @@ def main(argv: list[str]) -> None:
   print(f'jax {jax.__version__} backend {jax.default_backend()}')
   for net in nets:
     totals = profile_layers(net, _REPS.value)
-    for impl in ('xla', 'patches', 'auto'):
+    for impl in ('xla', 'patches', 'onednn', 'auto'):
+      if (impl, 'fwd') not in totals:
+        continue
       parts = {op: totals[(impl, op)] for op in ('fwd', 'dgrad', 'wgrad')}
       print(f'{net} {impl:>8} conv totals per step: ' + ', '.join(
           f'{op} {t * 1e3:.0f} ms' for op, t in parts.items())

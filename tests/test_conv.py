@@ -2,6 +2,8 @@
 
 import functools
 import itertools
+import platform
+import sys
 
 import flax.linen as nn
 import jax
@@ -10,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_jax import conv
+from resnet_jax import conv, onednn
 from resnet_jax.errors import UserError
 
 STRIDES = (1, 2)
@@ -39,14 +41,19 @@ CASES = [(3, s, p, 1, True) for s, p in itertools.product(STRIDES, PADDINGS)]
 CASES += [(1, 1, 'SAME', 1, True), (1, 2, 0, 1, False), (1, 2, 'VALID', 1, True),
           (7, 2, 3, 1, True), (7, 1, ((2, 1), (0, 3)), 1, False)]
 CASES += [(3, 1, 'SAME', 2, False), (3, 2, 1, 2, True), (1, 2, 'SAME', 2, False)]
-CASES = [case + ('patches',) for case in CASES]
+LAYERS = CASES
+CASES = [case + ('patches',) for case in LAYERS]
 # 'hybrid' shares the kernel gradient with 'patches' and takes the rest from XLA.
 CASES += [(3, 2, 1, 1, True, 'hybrid'), (7, 2, 3, 1, False, 'hybrid'),
           (1, 2, 0, 1, True, 'hybrid')]
+# oneDNN computes every pass of every layer kind itself, grouped ones too.
+CASES += [case + ('onednn',) for case in LAYERS]
 
 
 @pytest.mark.parametrize('kernel,stride,padding,groups,use_bias,impl', CASES)
 def test_matches_flax_conv_values_and_gradients(kernel, stride, padding, groups, use_bias, impl):
+  if impl == 'onednn':
+    _require_onednn()
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 8, 4))
   reference, patches = _pair_of_convs(
       impl, features=6, kernel_size=(kernel, kernel), strides=stride,
@@ -68,11 +75,43 @@ def test_matches_flax_conv_values_and_gradients(kernel, stride, padding, groups,
     assert _rel_err(a, b) < 1e-5
 
 
-@pytest.mark.parametrize('kernel,stride', [(3, 1), (3, 2), (1, 2)])
-def test_bfloat16_compute_matches_flax_conv(kernel, stride):
+def test_onednn_passes_match_xla_on_random_layers_inside_jit():
+  """Random batch, sizes (odd ones too), channels, kernels, strides, groups
+  and asymmetric paddings; each of the three passes against XLA's."""
+  _require_onednn()
+  rng = np.random.default_rng(7)
+  for _ in range(12):
+    groups = int(rng.choice([1, 1, 2, 4]))
+    n, h, w = rng.integers(1, 5), rng.integers(3, 14), rng.integers(3, 14)
+    cin, cout = groups * rng.integers(1, 9), groups * rng.integers(1, 9)
+    k, s = int(rng.choice([1, 3, 5, 7])), (int(rng.integers(1, 3)), int(rng.integers(1, 3)))
+    pads = tuple((int(a), int(b)) for a, b in rng.integers(0, k, (2, 2)))
+    if any(d + sum(p) < k for d, p in zip((h, w), pads)):
+      continue  # no output positions
+    x = jnp.asarray(rng.normal(size=(n, h, w, cin)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(k, k, cin // groups, cout)), jnp.float32)
+    reference = lambda x, kernel: jax.lax.conv_general_dilated(
+        x, kernel, s, pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        feature_group_count=groups, precision='highest')
+    y_ref, vjp = jax.vjp(reference, x, kernel)
+    dy = jnp.asarray(rng.normal(size=y_ref.shape), jnp.float32)
+    dx_ref, dk_ref = vjp(dy)
+    y, dx, dk = jax.jit(lambda x, kernel, dy: (
+        onednn.conv_forward(x, kernel, s, pads, groups),
+        onednn.conv_input_grad(dy, kernel, x.shape, s, pads, groups),
+        onednn.conv_kernel_grad(x, dy, kernel.shape, s, pads, groups)))(x, kernel, dy)
+    case = (x.shape, kernel.shape, s, pads, groups)
+    assert _rel_err(y_ref, y) < 1e-5, case
+    assert _rel_err(dx_ref, dx) < 1e-5, case
+    assert _rel_err(dk_ref, dk) < 1e-5, case
+
+
+@pytest.mark.parametrize('kernel,stride,impl', [(3, 1, 'patches'), (3, 2, 'patches'),
+                                                (1, 2, 'patches'), (3, 2, 'onednn')])
+def test_bfloat16_compute_matches_flax_conv(kernel, stride, impl):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 8))
   reference, patches = _pair_of_convs(
-      'patches', features=8, kernel_size=(kernel, kernel), strides=stride,
+      impl, features=8, kernel_size=(kernel, kernel), strides=stride,
       dtype=jnp.bfloat16)
   variables = reference.init(jax.random.PRNGKey(1), x)
   y_ref, y = jax.jit(reference.apply)(variables, x), jax.jit(patches.apply)(variables, x)
@@ -95,13 +134,40 @@ def test_extra_batch_dimensions_and_unbatched_input_match_flax_conv():
     assert _rel_err(y_ref, y) < 1e-5
 
 
+def _require_onednn():
+  """oneDNN is in requirements.txt for Linux x86-64: there its absence is a
+  failure (the build broke), elsewhere a skip."""
+  if onednn.available():
+    return
+  if sys.platform == 'linux' and platform.machine() == 'x86_64':
+    pytest.fail(f'oneDNN convolutions unavailable: {onednn.unavailable_reason()}')
+  pytest.skip(f'no oneDNN here: {onednn.unavailable_reason()}')
+
+
 def test_auto_chooses_per_layer_on_cpu_and_xla_is_flax_conv():
   assert jax.default_backend() == 'cpu'
   assert conv.resolve_conv_impl('auto') == 'per_layer'
   assert conv.get_conv('auto') is conv.AutoConv
   assert issubclass(conv.AutoConv, nn.Conv) and conv.AutoConv.plan is None
   assert conv.get_conv('xla') is nn.Conv
-  assert set(conv.CONV_IMPLS) >= {'auto', 'xla', 'patches', 'hybrid'}
+  assert set(conv.CONV_IMPLS) >= {'auto', 'xla', 'patches', 'hybrid', 'onednn'}
+
+
+def test_auto_plan_with_onednn_follows_the_measured_rule():
+  plan = functools.partial(conv.auto_plan, use_onednn=True)
+  # oneDNN's forward and input gradient on 3x3 and 7x7 layers; its kernel
+  # gradient where the output has 7x7 positions or more, else the matmul.
+  assert plan((3, 3, 16, 16), (1, 1), (32, 32)) == conv.ONEDNN_PLAN
+  assert plan((7, 7, 1, 64), (2, 2), (48, 48)) == conv.ONEDNN_PLAN
+  assert plan((3, 3, 64, 64), (1, 1), (7, 7)) == conv.ONEDNN_PLAN
+  assert plan((3, 3, 256, 256), (1, 1), (6, 6)) == ('onednn', 'onednn', 'patches')
+  assert plan((3, 3, 512, 512), (1, 1), (1, 1)) == ('onednn', 'onednn', 'patches')
+  # 1x1 convolutions are matmuls: patches, unless the map is large.
+  assert plan((1, 1, 128, 256), (2, 2), (6, 6)) == conv.PATCHES_PLAN
+  assert plan((1, 1, 64, 128), (2, 2), (12, 12)) == ('onednn', 'col2im', 'onednn')
+  # Grouped convolutions have no patch form.
+  assert plan((3, 3, 4, 128), (1, 1), (2, 2), groups=32) == conv.ONEDNN_PLAN
+  assert conv.auto_plan((3, 3, 4, 128), (1, 1), (2, 2), groups=32) == conv.XLA_PLAN
 
 
 def test_auto_plan_follows_the_measured_rule():
@@ -188,7 +254,7 @@ class _TinyResNet(nn.Module):
     return nn.Dense(10)(jnp.mean(nn.relu(y + shortcut), axis=(1, 2)))
 
 
-@pytest.mark.parametrize('impl', ['patches', 'hybrid', 'auto'])
+@pytest.mark.parametrize('impl', ['patches', 'hybrid', 'auto', 'onednn'])
 def test_one_sgd_step_of_a_small_resnet_is_the_same_as_with_flax_conv(impl):
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
   labels = jnp.arange(4) % 10

@@ -1,0 +1,311 @@
+// oneDNN convolutions as XLA FFI handlers: forward, input gradient and
+// kernel gradient of a 2-D NHWC convolution with an HWIO kernel (float32,
+// grouped or not, any strides and non-negative padding).
+//
+// Built on first use by resnet_jax/onednn.py (g++, oneDNN's wheel, the FFI
+// headers that ship with jaxlib) and registered as three custom-call targets.
+//
+// Layouts: activations stay NHWC in XLA's buffers and oneDNN reads and writes
+// them in place (format nhwc). Kernels are HWIO in XLA; oneDNN's fastest
+// kernels want a blocked weight layout, so the kernel is reordered into the
+// layout the primitive chose (a copy of the small tensor, never of the
+// activations) and the kernel gradient is reordered back.
+//
+// Concurrency: XLA may run independent custom calls at the same time (the
+// two gradient convolutions of one layer, or the devices of a multi-device
+// CPU client). Primitives are shared through a cache, so each call brings
+// its own scratchpad (oneDNN's user scratchpad mode) and reorder buffer from
+// thread-local storage.
+
+#include <omp.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+
+namespace {
+
+enum Pass : int64_t { kForward = 0, kInputGrad = 1, kKernelGrad = 2 };
+
+// One convolution problem: everything a primitive depends on.
+struct Problem {
+  int64_t pass, n, h, w, c, kh, kw, o, groups, ho, wo, sh, sw, pt, pb, pl, pr;
+
+  std::string Key() const {
+    std::string key(sizeof(Problem), '\0');
+    std::memcpy(key.data(), this, sizeof(Problem));
+    return key;
+  }
+};
+
+// A primitive plus what executing it needs: the layout it wants the kernel
+// (or its gradient) in, and the reorder between that and HWIO when the two
+// differ.
+struct Prepared {
+  dnnl::primitive primitive;
+  memory::desc hwio;        // XLA's kernel layout
+  memory::desc blocked;     // the primitive's kernel layout
+  bool reorder = false;
+  dnnl::reorder kernel_reorder;  // hwio -> blocked, or blocked -> hwio
+  size_t scratch_bytes = 0;
+};
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+std::atomic<int> g_threads{0};  // 0: OpenMP's default
+
+// Kernel dims (and XLA's HWIO strides) in oneDNN's order: (O, I, KH, KW),
+// or (G, O/G, I/G, KH, KW) for grouped convolutions.
+memory::desc HwioDesc(const Problem& p) {
+  const int64_t ig = p.c / p.groups, og = p.o / p.groups;
+  if (p.groups == 1) {
+    return memory::desc({p.o, p.c, p.kh, p.kw}, memory::data_type::f32,
+                        memory::dims{1, p.o, p.kw * p.c * p.o, p.c * p.o});
+  }
+  return memory::desc({p.groups, og, ig, p.kh, p.kw}, memory::data_type::f32,
+                      memory::dims{og, 1, p.o, p.kw * ig * p.o, ig * p.o});
+}
+
+memory::desc AnyKernelDesc(const Problem& p) {
+  const int64_t ig = p.c / p.groups, og = p.o / p.groups;
+  memory::dims dims = p.groups == 1
+                          ? memory::dims{p.o, p.c, p.kh, p.kw}
+                          : memory::dims{p.groups, og, ig, p.kh, p.kw};
+  return memory::desc(dims, memory::data_type::f32, tag::any);
+}
+
+std::unique_ptr<Prepared> Prepare(const Problem& p) {
+  auto& engine = Engine();
+  const auto f32 = memory::data_type::f32;
+  memory::desc src({p.n, p.c, p.h, p.w}, f32, tag::nhwc);
+  memory::desc dst({p.n, p.o, p.ho, p.wo}, f32, tag::nhwc);
+  memory::dims strides{p.sh, p.sw}, pad_l{p.pt, p.pl}, pad_r{p.pb, p.pr};
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+
+  auto prepared = std::make_unique<Prepared>();
+  prepared->hwio = HwioDesc(p);
+  // The backward primitives are created with the forward one as their hint.
+  dnnl::convolution_forward::primitive_desc fwd(
+      engine, dnnl::prop_kind::forward_training,
+      dnnl::algorithm::convolution_direct, src, AnyKernelDesc(p), dst, strides,
+      pad_l, pad_r, attr);
+  dnnl::primitive_desc_base pd = fwd;
+  if (p.pass == kForward) {
+    prepared->primitive = dnnl::convolution_forward(fwd);
+    prepared->blocked = fwd.weights_desc();
+  } else if (p.pass == kInputGrad) {
+    dnnl::convolution_backward_data::primitive_desc bwd(
+        engine, dnnl::algorithm::convolution_direct, src, AnyKernelDesc(p), dst,
+        strides, pad_l, pad_r, fwd, attr);
+    prepared->primitive = dnnl::convolution_backward_data(bwd);
+    prepared->blocked = bwd.weights_desc();
+    pd = bwd;
+  } else {
+    dnnl::convolution_backward_weights::primitive_desc bwd(
+        engine, dnnl::algorithm::convolution_direct, src, AnyKernelDesc(p), dst,
+        strides, pad_l, pad_r, fwd, attr);
+    prepared->primitive = dnnl::convolution_backward_weights(bwd);
+    prepared->blocked = bwd.diff_weights_desc();
+    pd = bwd;
+  }
+  prepared->scratch_bytes = pd.scratchpad_desc().get_size();
+  prepared->reorder = prepared->blocked != prepared->hwio;
+  if (prepared->reorder) {
+    const bool to_hwio = p.pass == kKernelGrad;
+    const auto& from = to_hwio ? prepared->blocked : prepared->hwio;
+    const auto& to = to_hwio ? prepared->hwio : prepared->blocked;
+    prepared->kernel_reorder =
+        dnnl::reorder(dnnl::reorder::primitive_desc(engine, from, engine, to));
+  }
+  return prepared;
+}
+
+const Prepared& Lookup(const Problem& p) {
+  static std::mutex mu;
+  static std::unordered_map<std::string, std::unique_ptr<Prepared>> cache;
+  const std::string key = p.Key();
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(key);
+    if (it != cache.end()) return *it->second;
+  }
+  auto prepared = Prepare(p);  // outside the lock: creation takes a while
+  std::lock_guard<std::mutex> lock(mu);
+  auto [it, inserted] = cache.emplace(key, std::move(prepared));
+  return *it->second;
+}
+
+// A growing, 64-byte aligned, per-thread buffer.
+struct Buffer {
+  void* data = nullptr;
+  size_t size = 0;
+  void* Get(size_t bytes) {
+    if (bytes > size) {
+      std::free(data);
+      size = (bytes + 4095) / 4096 * 4096;
+      data = std::aligned_alloc(64, size);
+      if (data == nullptr) size = 0;
+    }
+    return data;
+  }
+  ~Buffer() { std::free(data); }
+};
+
+ffi::Error Run(const Problem& p, void* src, void* kernel, void* dst) {
+  try {
+    if (int threads = g_threads.load(std::memory_order_relaxed); threads > 0) {
+      omp_set_num_threads(threads);  // this calling thread's teams
+    }
+    const Prepared& prep = Lookup(p);
+    thread_local Buffer scratch_buffer, kernel_buffer;
+    thread_local dnnl::stream stream(Engine());
+    void* scratch = scratch_buffer.Get(prep.scratch_bytes);
+    void* blocked = prep.reorder
+                        ? kernel_buffer.Get(prep.blocked.get_size())
+                        : kernel;
+    if ((prep.scratch_bytes && !scratch) || !blocked) {
+      return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                        "oneDNN convolution: out of memory for its buffers");
+    }
+    auto& engine = Engine();
+    const auto f32 = memory::data_type::f32;
+    memory src_mem({{p.n, p.c, p.h, p.w}, f32, tag::nhwc}, engine, src);
+    memory dst_mem({{p.n, p.o, p.ho, p.wo}, f32, tag::nhwc}, engine, dst);
+    memory hwio_mem(prep.hwio, engine, kernel);
+    memory blocked_mem(prep.blocked, engine, blocked);
+    std::unordered_map<int, memory> args;
+    if (prep.scratch_bytes) {
+      args.emplace(DNNL_ARG_SCRATCHPAD,
+                   memory({{static_cast<int64_t>(prep.scratch_bytes)},
+                           memory::data_type::u8, tag::x},
+                          engine, scratch));
+    }
+    if (p.pass == kForward) {
+      args.insert({{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_WEIGHTS, blocked_mem},
+                   {DNNL_ARG_DST, dst_mem}});
+    } else if (p.pass == kInputGrad) {
+      args.insert({{DNNL_ARG_DIFF_DST, dst_mem}, {DNNL_ARG_WEIGHTS, blocked_mem},
+                   {DNNL_ARG_DIFF_SRC, src_mem}});
+    } else {
+      args.insert({{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_DIFF_DST, dst_mem},
+                   {DNNL_ARG_DIFF_WEIGHTS, blocked_mem}});
+    }
+    if (p.pass != kKernelGrad && prep.reorder) {
+      prep.kernel_reorder.execute(stream, hwio_mem, blocked_mem);
+    }
+    prep.primitive.execute(stream, args);
+    if (p.pass == kKernelGrad && prep.reorder) {
+      prep.kernel_reorder.execute(stream, blocked_mem, hwio_mem);
+    }
+    stream.wait();
+    return ffi::Error::Success();
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("oneDNN convolution: ") + e.what());
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("oneDNN convolution: ") + e.what());
+  }
+}
+
+// params: strides (2), pads (top, bottom, left, right), groups.
+ffi::Error MakeProblem(Pass pass, ffi::Span<const int64_t> params,
+                       ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Dimensions k,
+                       ffi::AnyBuffer::Dimensions y, Problem* p) {
+  if (params.size() != 7 || x.size() != 4 || k.size() != 4 || y.size() != 4) {
+    return ffi::Error::InvalidArgument(
+        "oneDNN convolution: expects NHWC x and y, an HWIO kernel and 7 params");
+  }
+  *p = Problem{pass, x[0], x[1], x[2], x[3], k[0], k[1], k[3], params[6],
+               y[1], y[2], params[0], params[1], params[2], params[3],
+               params[4], params[5]};
+  if (p->groups < 1 || p->c != k[2] * p->groups || p->o % p->groups ||
+      y[0] != x[0] || y[3] != p->o) {
+    return ffi::Error::InvalidArgument(
+        "oneDNN convolution: inconsistent shapes or groups");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                   ffi::ResultBuffer<ffi::F32> y,
+                   ffi::Span<const int64_t> params) {
+  Problem p;
+  if (auto e = MakeProblem(kForward, params, x.dimensions(), kernel.dimensions(),
+                           y->dimensions(), &p);
+      e.failure()) {
+    return e;
+  }
+  return Run(p, x.untyped_data(), kernel.untyped_data(), y->untyped_data());
+}
+
+ffi::Error InputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel,
+                     ffi::ResultBuffer<ffi::F32> dx,
+                     ffi::Span<const int64_t> params) {
+  Problem p;
+  if (auto e = MakeProblem(kInputGrad, params, dx->dimensions(),
+                           kernel.dimensions(), dy.dimensions(), &p);
+      e.failure()) {
+    return e;
+  }
+  return Run(p, dx->untyped_data(), kernel.untyped_data(), dy.untyped_data());
+}
+
+ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                      ffi::ResultBuffer<ffi::F32> dkernel,
+                      ffi::Span<const int64_t> params) {
+  Problem p;
+  if (auto e = MakeProblem(kKernelGrad, params, x.dimensions(),
+                           dkernel->dimensions(), dy.dimensions(), &p);
+      e.failure()) {
+    return e;
+  }
+  return Run(p, x.untyped_data(), dkernel->untyped_data(), dy.untyped_data());
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetOnednnConvForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("params"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetOnednnConvInputGrad, InputGrad,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("params"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetOnednnConvKernelGrad, KernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("params"));
+
+// Threads of each oneDNN call (0: OpenMP's default, the usable cores).
+extern "C" void ResnetOnednnSetThreads(int threads) { g_threads.store(threads); }
+
+extern "C" int ResnetOnednnVersion() {
+  const dnnl_version_t* v = dnnl_version();
+  return v->major * 10000 + v->minor * 100 + v->patch;
+}

@@ -1,0 +1,136 @@
+"""The oneDNN shim: built from the pinned wheels, cached, rebuilt when its
+inputs change, and, where it cannot be built, one logged line and the other
+CPU paths instead of a failure."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from resnet_jax import onednn
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# In a fresh process: which conv plan the models use, whether they still
+# match flax's convolutions, and what an explicit conv_impl='onednn' says.
+_PROBE = textwrap.dedent('''
+    import json
+    from absl import logging
+    logging.set_verbosity('info')
+    import jax, jax.numpy as jnp, numpy as np
+    from resnet_jax import conv, models, onednn
+    from resnet_jax.errors import UserError
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+    ref = models.create_model('cifar_resnet8', conv_impl='xla')
+    auto = models.create_model('cifar_resnet8', conv_impl='auto')
+    v = ref.init(jax.random.PRNGKey(1), x)
+    lowered = jax.jit(lambda v, x: auto.apply(v, x)).lower(v, x).as_text()
+    err = float(jnp.abs(auto.apply(v, x) - ref.apply(v, x)).max())
+    try:
+      conv.get_conv('onednn')
+      explicit = 'ok'
+    except UserError as e:
+      explicit = str(e)
+    print(json.dumps({'available': onednn.available(), 'err': err,
+                      'custom_calls': lowered.count('resnet_jax_onednn_conv'),
+                      'explicit': explicit}))
+''')
+
+
+def _probe(tmp_path, **env) -> tuple[dict, str]:
+  import json  # pylint: disable=g-import-not-at-top
+  out = subprocess.run(
+      [sys.executable, '-c', _PROBE], capture_output=True, text=True,
+      timeout=300, check=False, cwd=ROOT,
+      env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
+               RESNET_JAX_CACHE_DIR=str(tmp_path / 'cache'), **env))
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
+
+
+def _has_onednn() -> bool:
+  try:
+    onednn.find_onednn()
+    return True
+  except onednn.Unavailable:
+    return False
+
+
+needs_onednn = pytest.mark.skipif(not _has_onednn(),
+                                  reason='no oneDNN headers and library here')
+
+
+@needs_onednn
+def test_first_use_builds_into_the_cache_and_auto_uses_it(tmp_path):
+  r, log = _probe(tmp_path)
+  assert r['available'] and r['explicit'] == 'ok'
+  assert r['custom_calls'] > 0  # 'auto' chose oneDNN for the 3x3 layers
+  assert r['err'] < 1e-4
+  built = list((tmp_path / 'cache').glob('onednn_conv-*.so'))
+  assert len(built) == 1
+  assert 'built the oneDNN convolutions' in log
+  # A second process loads the cached library instead of compiling again.
+  r, log = _probe(tmp_path)
+  assert r['available'] and 'built the oneDNN' not in log
+  assert list((tmp_path / 'cache').glob('onednn_conv-*.so')) == built
+
+
+@pytest.mark.parametrize('env,why', [
+    ({'CXX': '/bin/false'}, 'false failed to build onednn_conv.cc'),
+    # (the interpreter starts by its absolute path: only the compiler
+    # lookup sees the empty PATH)
+    ({'CXX': '', 'PATH': '/nonexistent'}, 'no C++ compiler'),
+    ({'RESNET_JAX_ONEDNN': '0'}, 'switched off by RESNET_JAX_ONEDNN=0'),
+])
+def test_without_a_compiler_auto_falls_back_with_one_logged_line(tmp_path, env, why):
+  r, log = _probe(tmp_path, **env)
+  assert not r['available']
+  assert r['custom_calls'] == 0 and r['err'] < 1e-4  # the patch/XLA paths
+  warnings = [l for l in log.splitlines() if 'oneDNN convolutions unavailable' in l]
+  assert len(warnings) == 1 and why in warnings[0], log[-2000:]
+  # Asked for by name, it is a user error that says why and what to use.
+  assert why in r['explicit'] and 'conv_impl="auto"' in r['explicit']
+
+
+@needs_onednn
+def test_concurrent_first_uses_build_once(tmp_path):
+  """Parallel test workers or processes of one job share the cache: the
+  build is serialised by a lock and the library appears atomically."""
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
+             RESNET_JAX_CACHE_DIR=str(tmp_path))
+  code = 'from resnet_jax import onednn; print(onednn.build())'
+  procs = [subprocess.Popen([sys.executable, '-c', code], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+           for _ in range(3)]
+  paths = [p.communicate(timeout=300)[0].strip() for p in procs]
+  assert all(p.returncode == 0 for p in procs)
+  assert len(set(paths)) == 1 and pathlib.Path(paths[0]).is_file()
+  assert [p.name for p in tmp_path.iterdir() if p.suffix != '.lock'] == [
+      pathlib.Path(paths[0]).name]  # no temporary files left behind
+
+
+@needs_onednn
+def test_a_changed_source_builds_a_new_library(tmp_path, monkeypatch):
+  monkeypatch.setenv('RESNET_JAX_CACHE_DIR', str(tmp_path))
+  first = onednn.build()
+  source = tmp_path / 'onednn_conv.cc'
+  source.write_text(onednn.SOURCE.read_text() + '\n// changed\n')
+  monkeypatch.setattr(onednn, 'SOURCE', source)
+  second = onednn.build()
+  assert second != first and first.is_file() and second.is_file()
+
+
+@needs_onednn
+def test_the_command_builds_checks_and_reports():
+  out = subprocess.run([sys.executable, '-m', 'resnet_jax.onednn'],
+                       capture_output=True, text=True, timeout=300,
+                       check=False, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 'oneDNN 3.' in out.stdout
+  line = [l for l in out.stdout.splitlines() if 'largest relative' in l][0]
+  errors = [float(part.split()[-1]) for part in line.split(':')[1].split(',')]
+  assert len(errors) == 3 and max(errors) < 1e-5
