@@ -219,26 +219,39 @@ def eval_step(state: TrainState, batch: Batch, weights: str = 'raw', *,
           'correct5': jnp.sum(correct5 * mask), 'count': jnp.sum(mask)}
 
 
-def jit_steps(replicated: jax.sharding.Sharding,
-              batch_sharded: jax.sharding.Sharding, *, preprocess: Preprocess,
+def _with_mesh(mesh: jax.sharding.Mesh, step: Callable[..., Any],
+               **fixed: Any) -> Callable[..., Any]:
+  """`step` with `fixed` keyword arguments, traced under `mesh`."""
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return step(*args, **fixed)
+  return traced
+
+
+def jit_steps(replicated: jax.sharding.NamedSharding,
+              batch_sharded: jax.sharding.NamedSharding, *,
+              preprocess: Preprocess,
               eval_preprocess: Preprocess, num_classes: int, steps: Steps,
               label_smoothing: float = 0.0, grad_accum_steps: int = 1,
               ema_decay: float = 0.0, ema_warmup: bool = False):
   """The train step (state donated) and the eval step (a third argument
   'ema' evaluates the EMA model), compiled for the mesh: state and metrics
-  replicated, batches split along the data axis."""
+  replicated, batches split along the data axis. Both are traced with the
+  mesh as the context mesh, so that the CPU convolutions run on each
+  device's slice of the batch (`conv.per_device`) instead of gathering it."""
+  mesh = replicated.mesh
   train = jax.jit(
-      functools.partial(train_step, preprocess=preprocess,
-                        num_classes=num_classes, steps=steps,
-                        label_smoothing=label_smoothing,
-                        grad_accum_steps=grad_accum_steps,
-                        shards=len(batch_sharded.device_set),
-                        ema_decay=ema_decay, ema_warmup=ema_warmup),
+      _with_mesh(mesh, train_step, preprocess=preprocess,
+                 num_classes=num_classes, steps=steps,
+                 label_smoothing=label_smoothing,
+                 grad_accum_steps=grad_accum_steps,
+                 shards=len(batch_sharded.device_set),
+                 ema_decay=ema_decay, ema_warmup=ema_warmup),
       in_shardings=(replicated, batch_sharded), out_shardings=replicated,
       donate_argnums=0)
   evaluate = jax.jit(
-      functools.partial(eval_step, preprocess=eval_preprocess,
-                        num_classes=num_classes),
+      _with_mesh(mesh, eval_step, preprocess=eval_preprocess,
+                 num_classes=num_classes),
       in_shardings=(replicated, batch_sharded), out_shardings=replicated,
       static_argnums=2)
   return train, evaluate

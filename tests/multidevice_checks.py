@@ -32,8 +32,9 @@ _STEPS = durations.Steps(total=100, per_epoch=10, warmup=0, log_every=10,
                           eval_every=10, checkpoint_every=10)
 
 
-def _one_step(mesh: Mesh, state, batch):
-  """One train step with the batch split over `mesh`."""
+def _one_step(mesh: Mesh, state, batch, hlo: dict | None = None):
+  """One train step with the batch split over `mesh` (its compiled
+  program's text into `hlo['text']`, when given)."""
   prep = functools.partial(
       preprocess.preprocess_batch, image_size=16, mean=(0.5,) * 3,
       std=(0.25,) * 3, augment=preprocess.AugmentConfig(crop_padding=2,
@@ -44,16 +45,26 @@ def _one_step(mesh: Mesh, state, batch):
   state = jax.device_put(state, sharding.replicated(mesh))
   batch = jax.device_put(batch, sharding.batch_sharded(mesh))
   new_state = train_fn(state, batch)
+  if hlo is not None:
+    hlo['text'] = train_fn.lower(state, batch).compile().as_text()
   return jax.device_get((new_state.params, new_state.batch_stats,
                          new_state.metric_sums['window'],
                          new_state.opt_state))
 
 
-def sharded_step() -> dict:
-  """The same step on 8 devices and on 1: loss, params, BN statistics."""
+def sharded_step(conv_impl: str = 'xla') -> dict:
+  """The same step on 8 devices and on 1: loss, params, BN statistics, and
+  the collectives of the 8-device program. conv_impl 'chunked' is the patch
+  convolutions with batch chunks of 4 examples (the chunk loops that made
+  the partitioner gather the batch before `conv.per_device`)."""
   assert jax.device_count() == 8, jax.devices()
+  from resnet_jax import conv  # pylint: disable=g-import-not-at-top
   config = config_lib.base_config()
-  model = models.create_model('cifar_resnet20', num_classes=10, width=4)
+  impl = {'conv_impl': conv_impl}
+  if conv_impl == 'chunked':  # one example's patches: 16*16*36*4 bytes
+    impl = {'conv': functools.partial(conv.PatchConv,
+                                      patch_bytes_limit=4 * 16 * 16 * 36 * 4)}
+  model = models.create_model('cifar_resnet20', num_classes=10, width=4, **impl)
   schedule = optim.create_schedule(config.optim, _STEPS)
   shape = (1, 16, 16, 3)
   variables = model.init(jax.random.key(0), jnp.zeros(shape), train=False)
@@ -64,10 +75,11 @@ def sharded_step() -> dict:
   results = {}
   init = train_step.create_train_state(model, tx, jax.random.key(1),
                                        shape).params
+  hlo = {}
   for n in (1, 8):
     state = train_step.create_train_state(model, tx, jax.random.key(1), shape)
     mesh = Mesh(np.array(jax.devices()[:n]), (sharding.DATA_AXIS,))
-    results[n] = _one_step(mesh, state, batch)
+    results[n] = _one_step(mesh, state, batch, hlo if n == 8 else None)
   (p1, b1, m1, _), (p8, b8, m8, _) = results[1], results[8]
 
   def max_rel(a, b):
@@ -84,7 +96,10 @@ def sharded_step() -> dict:
           'params_max_abs': max(float(np.max(np.abs(x - y))) for x, y in zip(
               jax.tree.leaves(p1), jax.tree.leaves(p8))),
           'batch_stats_max_rel': max_rel(b1, b8),
-          'devices': jax.device_count()}
+          'devices': jax.device_count(),
+          'all_gathers': hlo['text'].count(' all-gather('),
+          'all_reduces': hlo['text'].count(' all-reduce('),
+          'onednn_calls': hlo['text'].count('resnet_jax_onednn_conv')}
 
 
 def accumulated_step() -> dict:
