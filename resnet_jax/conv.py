@@ -393,27 +393,35 @@ def per_device(fn, batched: Sequence[bool], summed: bool = False):
   return call
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
-def planned_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: Pads,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
+def planned_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
+                 strides: tuple[int, int], pads: Pads,
                  precision: lax.PrecisionLike = None, plan: Plan = PATCHES_PLAN,
                  limit: int = PATCH_BYTES_LIMIT, groups: int = 1) -> jax.Array:
-  """2-D NHWC convolution with an HWIO kernel, each pass computed as `plan`
-  says (per device, see `per_device`), patches chunked to at most `limit`
-  bytes."""
-  return per_device(
+  """2-D NHWC convolution with an HWIO kernel (plus `bias`, if not None),
+  each pass computed as `plan` says (per device, see `per_device`),
+  patches chunked to at most `limit` bytes. oneDNN adds the bias as it
+  writes the output (the textbook model's convolutions have one: a whole
+  extra pass over every activation otherwise)."""
+  if bias is not None and plan[0] == 'onednn':
+    return per_device(
+        lambda x, k, b: onednn.conv_forward(x, k, strides, pads, groups, b),
+        (True, False, False))(x, kernel, bias)
+  y = per_device(
       lambda x, k: conv_forward(x, k, strides, pads, precision, plan[0], limit, groups),
       (True, False))(x, kernel)
+  return y if bias is None else y + bias
 
 
-def _planned_conv_fwd(x, kernel, strides, pads, precision, plan, limit, groups):
+def _planned_conv_fwd(x, kernel, bias, strides, pads, precision, plan, limit, groups):
   # Keep x, not its patches (up to kh*kw times larger): the backward pass
   # recomputes them, which costs a copy, not a matmul.
-  return (planned_conv(x, kernel, strides, pads, precision, plan, limit, groups),
-          (x, kernel))
+  return (planned_conv(x, kernel, bias, strides, pads, precision, plan, limit, groups),
+          (x, kernel, bias is not None))
 
 
 def _planned_conv_bwd(strides, pads, precision, plan, limit, groups, res, dy):
-  x, kernel = res
+  x, kernel, has_bias = res
   dx = per_device(
       lambda dy, k: conv_input_grad(dy, k, dy.shape[:1] + x.shape[1:], strides, pads,
                                     precision, plan[1], limit, groups),
@@ -422,7 +430,8 @@ def _planned_conv_bwd(strides, pads, precision, plan, limit, groups, res, dy):
       lambda x, dy: conv_kernel_grad(x, dy, kernel.shape, strides, pads, precision,
                                      plan[2], limit, groups),
       (True, True), summed=True)(x, dy)
-  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+  dbias = jnp.sum(dy, axis=(0, 1, 2)) if has_bias else None
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype), dbias
 
 
 planned_conv.defvjp(_planned_conv_fwd, _planned_conv_bwd)
@@ -483,15 +492,15 @@ class Conv(nn.Conv):
     if (input_dilation == (1, 1) and kernel_dilation == (1, 1)
         and min(min(pads)) >= 0 and plan != XLA_PLAN
         and (groups == 1 or set(plan) <= {'onednn', 'xla'})):
-      y = planned_conv(x, kernel, strides, pads, self.precision, plan,
+      y = planned_conv(x, kernel, bias, strides, pads, self.precision, plan,
                        self.patch_bytes_limit, groups)
     else:
       y = lax.conv_general_dilated(
           x, kernel, strides, pads, lhs_dilation=input_dilation,
           rhs_dilation=kernel_dilation, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
           feature_group_count=groups, precision=self.precision)
-    if bias is not None:
-      y = y + bias
+      if bias is not None:
+        y = y + bias
     return y.reshape(batch_shape + y.shape[1:])
 
 

@@ -54,6 +54,7 @@ from absl import logging
 
 SOURCE = Path(__file__).with_name('onednn_conv.cc')
 _HANDLERS = {'forward': 'ResnetOnednnConvForward',
+             'forward_bias': 'ResnetOnednnConvForwardBias',
              'input_grad': 'ResnetOnednnConvInputGrad',
              'kernel_grad': 'ResnetOnednnConvKernelGrad'}
 _TARGET = 'resnet_jax_onednn_conv_{}'
@@ -206,12 +207,12 @@ def _params(strides: tuple[int, int], pads: Pads, groups: int) -> np.ndarray:
   return np.array([*strides, top, bottom, left, right, groups], np.int64)
 
 
-def _call(what: str, out_shape: tuple[int, ...], a: jax.Array, b: jax.Array,
+def _call(what: str, out_shape: tuple[int, ...], operands: tuple[jax.Array, ...],
           strides: tuple[int, int], pads: Pads, groups: int) -> jax.Array:
   _load()
   return jax.ffi.ffi_call(
-      _TARGET.format(what), jax.ShapeDtypeStruct(out_shape, a.dtype),
-      vmap_method='sequential')(a, b, params=_params(strides, pads, groups))
+      _TARGET.format(what), jax.ShapeDtypeStruct(out_shape, operands[0].dtype),
+      vmap_method='sequential')(*operands, params=_params(strides, pads, groups))
 
 
 def out_hw(x_shape, kernel_shape, strides, pads) -> tuple[int, int]:
@@ -220,25 +221,30 @@ def out_hw(x_shape, kernel_shape, strides, pads) -> tuple[int, int]:
 
 
 def conv_forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
-                 pads: Pads, groups: int = 1) -> jax.Array:
-  """NHWC x (float32) convolved with an HWIO kernel."""
+                 pads: Pads, groups: int = 1,
+                 bias: jax.Array | None = None) -> jax.Array:
+  """NHWC x (float32) convolved with an HWIO kernel, plus `bias` if given
+  (added by the convolution's kernel as it writes its output: no second
+  pass over the output)."""
   shape = (x.shape[0], *out_hw(x.shape, kernel.shape, strides, pads),
            kernel.shape[3])
-  return _call('forward', shape, x, kernel, strides, pads, groups)
+  if bias is None:
+    return _call('forward', shape, (x, kernel), strides, pads, groups)
+  return _call('forward_bias', shape, (x, kernel, bias), strides, pads, groups)
 
 
 def conv_input_grad(dy: jax.Array, kernel: jax.Array, x_shape: tuple[int, ...],
                     strides: tuple[int, int], pads: Pads,
                     groups: int = 1) -> jax.Array:
   """d<conv(x), dy>/dx."""
-  return _call('input_grad', tuple(x_shape), dy, kernel, strides, pads, groups)
+  return _call('input_grad', tuple(x_shape), (dy, kernel), strides, pads, groups)
 
 
 def conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ...],
                      strides: tuple[int, int], pads: Pads,
                      groups: int = 1) -> jax.Array:
   """d<conv(x), dy>/dkernel."""
-  return _call('kernel_grad', tuple(kernel_shape), x, dy, strides, pads, groups)
+  return _call('kernel_grad', tuple(kernel_shape), (x, dy), strides, pads, groups)
 
 
 def self_check() -> dict[str, float]:

@@ -37,11 +37,14 @@ using tag = dnnl::memory::format_tag;
 
 namespace {
 
+using BiasBuffer = ffi::Buffer<ffi::F32, 1>;
+
 enum Pass : int64_t { kForward = 0, kInputGrad = 1, kKernelGrad = 2 };
 
 // One convolution problem: everything a primitive depends on.
 struct Problem {
   int64_t pass, n, h, w, c, kh, kw, o, groups, ho, wo, sh, sw, pt, pb, pl, pr;
+  int64_t bias;  // the forward adds a bias (fused into the convolution)
 
   std::string Key() const {
     std::string key(sizeof(Problem), '\0');
@@ -101,10 +104,16 @@ std::unique_ptr<Prepared> Prepare(const Problem& p) {
   auto prepared = std::make_unique<Prepared>();
   prepared->hwio = HwioDesc(p);
   // The backward primitives are created with the forward one as their hint.
-  dnnl::convolution_forward::primitive_desc fwd(
-      engine, dnnl::prop_kind::forward_training,
-      dnnl::algorithm::convolution_direct, src, AnyKernelDesc(p), dst, strides,
-      pad_l, pad_r, attr);
+  dnnl::convolution_forward::primitive_desc fwd =
+      p.bias ? dnnl::convolution_forward::primitive_desc(
+                   engine, dnnl::prop_kind::forward_training,
+                   dnnl::algorithm::convolution_direct, src, AnyKernelDesc(p),
+                   memory::desc({p.o}, f32, tag::x), dst, strides, pad_l,
+                   pad_r, attr)
+             : dnnl::convolution_forward::primitive_desc(
+                   engine, dnnl::prop_kind::forward_training,
+                   dnnl::algorithm::convolution_direct, src, AnyKernelDesc(p),
+                   dst, strides, pad_l, pad_r, attr);
   dnnl::primitive_desc_base pd = fwd;
   if (p.pass == kForward) {
     prepared->primitive = dnnl::convolution_forward(fwd);
@@ -167,7 +176,8 @@ struct Buffer {
   ~Buffer() { std::free(data); }
 };
 
-ffi::Error Run(const Problem& p, void* src, void* kernel, void* dst) {
+ffi::Error Run(const Problem& p, void* src, void* kernel, void* dst,
+               void* bias = nullptr) {
   try {
     if (int threads = g_threads.load(std::memory_order_relaxed); threads > 0) {
       omp_set_num_threads(threads);  // this calling thread's teams
@@ -199,6 +209,9 @@ ffi::Error Run(const Problem& p, void* src, void* kernel, void* dst) {
     if (p.pass == kForward) {
       args.insert({{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_WEIGHTS, blocked_mem},
                    {DNNL_ARG_DST, dst_mem}});
+      if (p.bias) {
+        args.emplace(DNNL_ARG_BIAS, memory({{p.o}, f32, tag::x}, engine, bias));
+      }
     } else if (p.pass == kInputGrad) {
       args.insert({{DNNL_ARG_DIFF_DST, dst_mem}, {DNNL_ARG_WEIGHTS, blocked_mem},
                    {DNNL_ARG_DIFF_SRC, src_mem}});
@@ -234,7 +247,7 @@ ffi::Error MakeProblem(Pass pass, ffi::Span<const int64_t> params,
   }
   *p = Problem{pass, x[0], x[1], x[2], x[3], k[0], k[1], k[3], params[6],
                y[1], y[2], params[0], params[1], params[2], params[3],
-               params[4], params[5]};
+               params[4], params[5], 0};
   if (p->groups < 1 || p->c != k[2] * p->groups || p->o % p->groups ||
       y[0] != x[0] || y[3] != p->o) {
     return ffi::Error::InvalidArgument(
@@ -253,6 +266,24 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
     return e;
   }
   return Run(p, x.untyped_data(), kernel.untyped_data(), y->untyped_data());
+}
+
+ffi::Error ForwardBias(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                       BiasBuffer bias,
+                       ffi::ResultBuffer<ffi::F32> y,
+                       ffi::Span<const int64_t> params) {
+  Problem p;
+  if (auto e = MakeProblem(kForward, params, x.dimensions(), kernel.dimensions(),
+                           y->dimensions(), &p);
+      e.failure()) {
+    return e;
+  }
+  if (bias.dimensions()[0] != p.o) {
+    return ffi::Error::InvalidArgument("oneDNN convolution: bias size != O");
+  }
+  p.bias = 1;
+  return Run(p, x.untyped_data(), kernel.untyped_data(), y->untyped_data(),
+             bias.untyped_data());
 }
 
 ffi::Error InputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel,
@@ -285,6 +316,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetOnednnConvForward, Forward,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("params"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetOnednnConvForwardBias, ForwardBias,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<BiasBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<ffi::Span<const int64_t>>("params"));
 
