@@ -53,7 +53,7 @@ from flax.linen import dtypes as flax_dtypes
 from flax.linen import linear as flax_linear
 from jax import lax
 
-from resnet_jax import onednn
+from resnet_jax import native, onednn, sharding
 from resnet_jax.errors import UserError
 
 CONV_IMPLS = ('auto', 'xla', 'patches', 'hybrid', 'onednn')
@@ -120,8 +120,8 @@ def get_conv(impl: str = 'auto') -> type[nn.Module]:
   as `auto_plan` chooses) and 'xla' elsewhere. An unknown name raises `UserError` listing `CONV_IMPLS`.
   """
   impl = resolve_conv_impl(impl)
-  if impl == 'onednn' and not onednn.available():
-    raise UserError(f'conv_impl="onednn": {onednn.unavailable_reason()}; or use '
+  if impl == 'onednn' and not native.available():
+    raise UserError(f'conv_impl="onednn": {native.unavailable_reason()}; or use '
                     'conv_impl="auto", which then takes the other CPU paths')
   if impl != 'xla' and jax.default_backend() == 'cpu':
     configure_cpu_malloc()
@@ -360,54 +360,21 @@ def auto_plan(kernel_shape: tuple[int, ...], strides: tuple[int, int],
   return ('xla', dgrad, 'patches')
 
 
-def per_device(fn, batched: Sequence[bool], summed: bool = False):
-  """`fn` applied to each device's slice of the batch, under a mesh context.
-
-  A custom call (oneDNN's convolutions) is opaque to XLA's SPMD partitioner,
-  which therefore gathers a batch-sharded operand onto every device first;
-  the chunk loops of the patch passes have the same effect (x47 all-gathers,
-  976 MiB per textbook step on 8 devices). Under a mesh context
-  (`jax.set_mesh`, as the train and eval steps are traced) this runs `fn`
-  in a `shard_map` over every mesh axis instead: the arguments marked in
-  `batched` are split along their first axis, the others replicated, and the
-  result is split too, or, when `summed` (a kernel gradient), summed over
-  the devices. Without a mesh of several devices, or with a batch that does
-  not split evenly, it is `fn` itself.
-  """
-  def call(*args: jax.Array) -> jax.Array:
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or any(
-        a.shape[0] % mesh.size for a, b in zip(args, batched) if b):
-      return fn(*args)
-    axes = tuple(mesh.axis_names)
-    split = jax.sharding.PartitionSpec(axes)
-
-    def local(*shards):
-      out = fn(*shards)
-      return lax.psum(out, axes) if summed else out
-
-    return jax.shard_map(
-        local, mesh=mesh, check_vma=False,
-        in_specs=tuple(split if b else jax.sharding.PartitionSpec() for b in batched),
-        out_specs=jax.sharding.PartitionSpec() if summed else split)(*args)
-  return call
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
 def planned_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
                  strides: tuple[int, int], pads: Pads,
                  precision: lax.PrecisionLike = None, plan: Plan = PATCHES_PLAN,
                  limit: int = PATCH_BYTES_LIMIT, groups: int = 1) -> jax.Array:
   """2-D NHWC convolution with an HWIO kernel (plus `bias`, if not None),
-  each pass computed as `plan` says (per device, see `per_device`),
+  each pass computed as `plan` says (per device, see `sharding.per_device`),
   patches chunked to at most `limit` bytes. oneDNN adds the bias as it
   writes the output (the textbook model's convolutions have one: a whole
   extra pass over every activation otherwise)."""
   if bias is not None and plan[0] == 'onednn':
-    return per_device(
+    return sharding.per_device(
         lambda x, k, b: onednn.conv_forward(x, k, strides, pads, groups, b),
         (True, False, False))(x, kernel, bias)
-  y = per_device(
+  y = sharding.per_device(
       lambda x, k: conv_forward(x, k, strides, pads, precision, plan[0], limit, groups),
       (True, False))(x, kernel)
   return y if bias is None else y + bias
@@ -422,11 +389,11 @@ def _planned_conv_fwd(x, kernel, bias, strides, pads, precision, plan, limit, gr
 
 def _planned_conv_bwd(strides, pads, precision, plan, limit, groups, res, dy):
   x, kernel, has_bias = res
-  dx = per_device(
+  dx = sharding.per_device(
       lambda dy, k: conv_input_grad(dy, k, dy.shape[:1] + x.shape[1:], strides, pads,
                                     precision, plan[1], limit, groups),
       (True, False))(dy, kernel)
-  dkernel = per_device(
+  dkernel = sharding.per_device(
       lambda x, dy: conv_kernel_grad(x, dy, kernel.shape, strides, pads, precision,
                                      plan[2], limit, groups),
       (True, True), summed=True)(x, dy)
@@ -483,7 +450,7 @@ class Conv(nn.Conv):
     plan = self.plan
     if plan is None or 'onednn' in plan:
       # oneDNN's convolutions are float32 (bfloat16 compute takes the others).
-      use_onednn = x.dtype == jnp.float32 and onednn.available()
+      use_onednn = x.dtype == jnp.float32 and native.available()
       if plan is None or not use_onednn:
         plan = auto_plan(kernel.shape, strides,
                          _out_hw(x.shape, kernel.shape, strides, pads), groups,

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from resnet_jax import cli, conv, onednn
+from resnet_jax import cli, conv, native
 from resnet_jax.errors import UserError
 
 # (H, W, Cin, Cout, k, stride, pad, count) per layer shape.
@@ -150,10 +150,10 @@ def layer_ops(layer: Layer, batch: int):
   ops = {}
   args = ((s, s), pads, None)
   plans = dict(IMPLS)
-  if onednn.available():
+  if native.available():
     plans['onednn'] = conv.ONEDNN_PLAN
   plans['auto'] = conv.auto_plan(w.shape, (s, s), y_shape[1:3],
-                                 use_onednn=onednn.available())
+                                 use_onednn=native.available())
   for name, (f_how, d_how, w_how) in plans.items():
     ops[name] = {
         'fwd': (functools.partial(conv.conv_forward, strides=(s, s), pads=pads,

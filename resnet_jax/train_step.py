@@ -24,7 +24,6 @@ statistics (`TrainState.ema`, a variables dict ready for `apply`), updated
 after each optimizer update.
 """
 
-import functools
 from typing import Any, Callable
 
 import flax

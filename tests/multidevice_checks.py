@@ -52,7 +52,7 @@ def _one_step(mesh: Mesh, state, batch, hlo: dict | None = None):
                          new_state.opt_state))
 
 
-def sharded_step(conv_impl: str = 'xla') -> dict:
+def sharded_step(conv_impl: str = 'xla', model_name: str = 'cifar_resnet20') -> dict:
   """The same step on 8 devices and on 1: loss, params, BN statistics, and
   the collectives of the 8-device program. conv_impl 'chunked' is the patch
   convolutions with batch chunks of 4 examples (the chunk loops that made
@@ -64,7 +64,7 @@ def sharded_step(conv_impl: str = 'xla') -> dict:
   if conv_impl == 'chunked':  # one example's patches: 16*16*36*4 bytes
     impl = {'conv': functools.partial(conv.PatchConv,
                                       patch_bytes_limit=4 * 16 * 16 * 36 * 4)}
-  model = models.create_model('cifar_resnet20', num_classes=10, width=4, **impl)
+  model = models.create_model(model_name, num_classes=10, width=4, **impl)
   schedule = optim.create_schedule(config.optim, _STEPS)
   shape = (1, 16, 16, 3)
   variables = model.init(jax.random.key(0), jnp.zeros(shape), train=False)
@@ -99,7 +99,8 @@ def sharded_step(conv_impl: str = 'xla') -> dict:
           'devices': jax.device_count(),
           'all_gathers': hlo['text'].count(' all-gather('),
           'all_reduces': hlo['text'].count(' all-reduce('),
-          'onednn_calls': hlo['text'].count('resnet_jax_onednn_conv')}
+          'onednn_calls': hlo['text'].count('resnet_jax_onednn_conv'),
+          'pool_calls': hlo['text'].count('resnet_jax_max_pool')}
 
 
 def accumulated_step() -> dict:

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_jax import conv, onednn
+from resnet_jax import conv, native, onednn
 from resnet_jax.errors import UserError
 
 STRIDES = (1, 2)
@@ -137,11 +137,11 @@ def test_extra_batch_dimensions_and_unbatched_input_match_flax_conv():
 def _require_onednn():
   """oneDNN is in requirements.txt for Linux x86-64: there its absence is a
   failure (the build broke), elsewhere a skip."""
-  if onednn.available():
+  if native.available():
     return
   if sys.platform == 'linux' and platform.machine() == 'x86_64':
-    pytest.fail(f'oneDNN convolutions unavailable: {onednn.unavailable_reason()}')
-  pytest.skip(f'no oneDNN here: {onednn.unavailable_reason()}')
+    pytest.fail(f'oneDNN convolutions unavailable: {native.unavailable_reason()}')
+  pytest.skip(f'no oneDNN here: {native.unavailable_reason()}')
 
 
 def test_auto_chooses_per_layer_on_cpu_and_xla_is_flax_conv():

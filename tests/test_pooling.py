@@ -1,5 +1,6 @@
 """pooling.max_pool: nn.max_pool's values and exactly XLA's gradient
-(select_and_scatter's routing: the first max in window order, ties included)."""
+(select_and_scatter's routing: the first max in window order, ties included),
+on both of its paths: the native kernels and the strided views."""
 
 import flax.linen as nn
 import jax
@@ -7,7 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import models, pooling
+from resnet_jax import models, native, pooling
+
+
+@pytest.fixture(params=['native', 'views'])
+def path(request, monkeypatch):
+  if request.param == 'native':
+    if not native.available():
+      pytest.skip(f'no native kernels here: {native.unavailable_reason()}')
+  else:
+    monkeypatch.setattr(pooling, '_use_native', lambda x: False)
+  return request.param
 
 
 @pytest.mark.parametrize('shape,window,strides,padding', [
@@ -16,7 +27,7 @@ from resnet_jax import models, pooling
     ((2, 7, 6, 2), (2, 2), (2, 2), ((0, 0), (0, 0))),
     ((1, 10, 10, 2), (3, 3), (1, 1), ((1, 1), (1, 1))),  # overlapping windows
 ])
-def test_values_and_gradient_equal_xla(shape, window, strides, padding):
+def test_values_and_gradient_equal_xla(shape, window, strides, padding, path):
   x = jax.nn.relu(jax.random.normal(jax.random.key(0), shape))  # zero ties
   x = x.at[0, 0, :2, 0].set(1.0)  # a tie between two positive values
   reference = jax.jit(lambda x: nn.max_pool(x, window, strides, padding))
@@ -28,6 +39,8 @@ def test_values_and_gradient_equal_xla(shape, window, strides, padding):
   # order, so equal gradients mean the same routing, ties included.
   dy = jax.random.randint(jax.random.key(1), y.shape, -4, 5).astype(x.dtype)
   np.testing.assert_array_equal(vjp(dy)[0], vjp_ref(dy)[0])
+  lowered = jax.jit(lambda x: jax.vjp(ours, x)[1](dy)).lower(x).as_text()
+  assert ('resnet_jax_max_pool' in lowered) == (path == 'native')
 
 
 def test_cpu_paths_use_it_and_xla_keeps_nn_max_pool():

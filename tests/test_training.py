@@ -37,17 +37,21 @@ def run_check(name: str, *args: str) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize('conv_impl', ['xla', 'onednn', 'chunked'])
-def test_sharded_step_equals_single_device_step(conv_impl):
+@pytest.mark.parametrize('conv_impl,model', [
+    ('xla', 'cifar_resnet20'), ('onednn', 'cifar_resnet20'),
+    ('chunked', 'cifar_resnet20'), ('auto', 'd2l_resnet18')])
+def test_sharded_step_equals_single_device_step(conv_impl, model):
   """XLA's convolutions; oneDNN's custom calls; the patch convolutions with
-  their batch-chunk loops. The custom calls and the chunk loops are opaque
-  to XLA's partitioner, which gathered the whole batch onto every device
-  for them (x20 and x49 all-gathers here) until `conv.per_device` ran them
-  on each device's slice."""
-  r = run_check('sharded_step', conv_impl)
+  their batch-chunk loops; and 'auto' on the textbook model (oneDNN, patch
+  and native max-pool custom calls). Custom calls and chunk loops are
+  opaque to XLA's partitioner, which gathered the whole batch onto every
+  device for them (x20 and x49 all-gathers on ResNet-20) until
+  `sharding.per_device` ran them on each device's slice."""
+  r = run_check('sharded_step', conv_impl, model)
   assert r['devices'] == 8
   assert r['all_gathers'] == 0
-  assert (r['onednn_calls'] > 0) == (conv_impl == 'onednn')
+  assert (r['onednn_calls'] > 0) == (conv_impl in ('onednn', 'auto'))
+  assert (r['pool_calls'] > 0) == (model == 'd2l_resnet18')
   np.testing.assert_allclose(r['loss'][0], r['loss'][1], rtol=1e-5)
   # Gradients are sums in another order on 8 devices: BN bias gradients
   # differ by up to ~1e-2 relative in float32, their norm by ~1e-4.

@@ -1,6 +1,6 @@
-"""The oneDNN shim: built from the pinned wheels, cached, rebuilt when its
-inputs change, and, where it cannot be built, one logged line and the other
-CPU paths instead of a failure."""
+"""The native CPU kernels (oneDNN convolutions, max-pool): built from the
+pinned wheels, cached, rebuilt when their inputs change, and, where they
+cannot be built, one logged line and the JAX paths instead of a failure."""
 
 import os
 import pathlib
@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from resnet_jax import onednn
+from resnet_jax import native
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -21,11 +21,11 @@ _PROBE = textwrap.dedent('''
     from absl import logging
     logging.set_verbosity('info')
     import jax, jax.numpy as jnp, numpy as np
-    from resnet_jax import conv, models, onednn
+    from resnet_jax import conv, models, native
     from resnet_jax.errors import UserError
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
-    ref = models.create_model('cifar_resnet8', conv_impl='xla')
-    auto = models.create_model('cifar_resnet8', conv_impl='auto')
+    ref = models.create_model('d2l_resnet18', conv_impl='xla', width=8)
+    auto = models.create_model('d2l_resnet18', conv_impl='auto', width=8)
     v = ref.init(jax.random.PRNGKey(1), x)
     lowered = jax.jit(lambda v, x: auto.apply(v, x)).lower(v, x).as_text()
     err = float(jnp.abs(auto.apply(v, x) - ref.apply(v, x)).max())
@@ -34,8 +34,9 @@ _PROBE = textwrap.dedent('''
       explicit = 'ok'
     except UserError as e:
       explicit = str(e)
-    print(json.dumps({'available': onednn.available(), 'err': err,
-                      'custom_calls': lowered.count('resnet_jax_onednn_conv'),
+    print(json.dumps({'available': native.available(), 'err': err,
+                      'conv_calls': lowered.count('resnet_jax_onednn_conv'),
+                      'pool_calls': lowered.count('resnet_jax_max_pool'),
                       'explicit': explicit}))
 ''')
 
@@ -53,9 +54,9 @@ def _probe(tmp_path, **env) -> tuple[dict, str]:
 
 def _has_onednn() -> bool:
   try:
-    onednn.find_onednn()
+    native.find_onednn()
     return True
-  except onednn.Unavailable:
+  except native.Unavailable:
     return False
 
 
@@ -67,29 +68,31 @@ needs_onednn = pytest.mark.skipif(not _has_onednn(),
 def test_first_use_builds_into_the_cache_and_auto_uses_it(tmp_path):
   r, log = _probe(tmp_path)
   assert r['available'] and r['explicit'] == 'ok'
-  assert r['custom_calls'] > 0  # 'auto' chose oneDNN for the 3x3 layers
+  # 'auto' chose oneDNN for the 3x3 and 7x7 layers; the stem pools natively.
+  assert r['conv_calls'] > 0 and r['pool_calls'] == 1
   assert r['err'] < 1e-4
-  built = list((tmp_path / 'cache').glob('onednn_conv-*.so'))
+  built = list((tmp_path / 'cache').glob('cpu_kernels-*.so'))
   assert len(built) == 1
-  assert 'built the oneDNN convolutions' in log
+  assert 'built the native CPU kernels' in log
   # A second process loads the cached library instead of compiling again.
   r, log = _probe(tmp_path)
-  assert r['available'] and 'built the oneDNN' not in log
-  assert list((tmp_path / 'cache').glob('onednn_conv-*.so')) == built
+  assert r['available'] and 'built the native' not in log
+  assert list((tmp_path / 'cache').glob('cpu_kernels-*.so')) == built
 
 
 @pytest.mark.parametrize('env,why', [
-    ({'CXX': '/bin/false'}, 'false failed to build onednn_conv.cc'),
+    ({'CXX': '/bin/false'}, 'false failed to build cpu_kernels.cc'),
     # (the interpreter starts by its absolute path: only the compiler
     # lookup sees the empty PATH)
     ({'CXX': '', 'PATH': '/nonexistent'}, 'no C++ compiler'),
-    ({'RESNET_JAX_ONEDNN': '0'}, 'switched off by RESNET_JAX_ONEDNN=0'),
+    ({'RESNET_JAX_NATIVE': '0'}, 'switched off by RESNET_JAX_NATIVE=0'),
 ])
 def test_without_a_compiler_auto_falls_back_with_one_logged_line(tmp_path, env, why):
   r, log = _probe(tmp_path, **env)
   assert not r['available']
-  assert r['custom_calls'] == 0 and r['err'] < 1e-4  # the patch/XLA paths
-  warnings = [l for l in log.splitlines() if 'oneDNN convolutions unavailable' in l]
+  # The patch/XLA convolutions and the strided-view max-pool.
+  assert r['conv_calls'] == 0 and r['pool_calls'] == 0 and r['err'] < 1e-4
+  warnings = [l for l in log.splitlines() if 'native CPU kernels' in l]
   assert len(warnings) == 1 and why in warnings[0], log[-2000:]
   # Asked for by name, it is a user error that says why and what to use.
   assert why in r['explicit'] and 'conv_impl="auto"' in r['explicit']
@@ -101,7 +104,7 @@ def test_concurrent_first_uses_build_once(tmp_path):
   build is serialised by a lock and the library appears atomically."""
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
              RESNET_JAX_CACHE_DIR=str(tmp_path))
-  code = 'from resnet_jax import onednn; print(onednn.build())'
+  code = 'from resnet_jax import native; print(native.build())'
   procs = [subprocess.Popen([sys.executable, '-c', code], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
            for _ in range(3)]
@@ -115,22 +118,23 @@ def test_concurrent_first_uses_build_once(tmp_path):
 @needs_onednn
 def test_a_changed_source_builds_a_new_library(tmp_path, monkeypatch):
   monkeypatch.setenv('RESNET_JAX_CACHE_DIR', str(tmp_path))
-  first = onednn.build()
-  source = tmp_path / 'onednn_conv.cc'
-  source.write_text(onednn.SOURCE.read_text() + '\n// changed\n')
-  monkeypatch.setattr(onednn, 'SOURCE', source)
-  second = onednn.build()
+  first = native.build()
+  source = tmp_path / 'cpu_kernels.cc'
+  source.write_text(native.SOURCE.read_text() + '\n// changed\n')
+  monkeypatch.setattr(native, 'SOURCE', source)
+  second = native.build()
   assert second != first and first.is_file() and second.is_file()
 
 
 @needs_onednn
 def test_the_command_builds_checks_and_reports():
-  out = subprocess.run([sys.executable, '-m', 'resnet_jax.onednn'],
+  out = subprocess.run([sys.executable, '-m', 'resnet_jax.native'],
                        capture_output=True, text=True, timeout=300,
                        check=False, cwd=ROOT,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
   assert out.returncode == 0, out.stderr[-2000:]
   assert 'oneDNN 3.' in out.stdout
+  assert "max-pool: forward and gradient equal to XLA's: True" in out.stdout
   line = [l for l in out.stdout.splitlines() if 'largest relative' in l][0]
-  errors = [float(part.split()[-1]) for part in line.split(':')[1].split(',')]
+  errors = [float(part.split()[-1]) for part in line.split(': ')[1].split(',')]
   assert len(errors) == 3 and max(errors) < 1e-5

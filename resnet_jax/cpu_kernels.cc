@@ -1,9 +1,11 @@
-// oneDNN convolutions as XLA FFI handlers: forward, input gradient and
-// kernel gradient of a 2-D NHWC convolution with an HWIO kernel (float32,
-// grouped or not, any strides and non-negative padding).
+// The CPU kernels XLA lacks, as XLA FFI handlers (float32, NHWC):
+// - oneDNN's convolutions: forward (optionally with its bias), input
+//   gradient and kernel gradient of a 2-D convolution with an HWIO kernel,
+//   grouped or not, any strides and non-negative padding;
+// - a max-pool and its gradient, routed like XLA's select_and_scatter.
 //
-// Built on first use by resnet_jax/onednn.py (g++, oneDNN's wheel, the FFI
-// headers that ship with jaxlib) and registered as three custom-call targets.
+// Built on first use by resnet_jax/native.py (g++, oneDNN's wheel, the FFI
+// headers that ship with jaxlib) and registered as custom-call targets.
 //
 // Layouts: activations stay NHWC in XLA's buffers and oneDNN reads and writes
 // them in place (format nhwc). Kernels are HWIO in XLA; oneDNN's fastest
@@ -19,14 +21,17 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -71,6 +76,13 @@ dnnl::engine& Engine() {
 }
 
 std::atomic<int> g_threads{0};  // 0: OpenMP's default
+
+// The OpenMP team size of the calling thread's parallel regions.
+void SetThreads() {
+  if (int threads = g_threads.load(std::memory_order_relaxed); threads > 0) {
+    omp_set_num_threads(threads);
+  }
+}
 
 // Kernel dims (and XLA's HWIO strides) in oneDNN's order: (O, I, KH, KW),
 // or (G, O/G, I/G, KH, KW) for grouped convolutions.
@@ -179,9 +191,7 @@ struct Buffer {
 ffi::Error Run(const Problem& p, void* src, void* kernel, void* dst,
                void* bias = nullptr) {
   try {
-    if (int threads = g_threads.load(std::memory_order_relaxed); threads > 0) {
-      omp_set_num_threads(threads);  // this calling thread's teams
-    }
+    SetThreads();
     const Prepared& prep = Lookup(p);
     thread_local Buffer scratch_buffer, kernel_buffer;
     thread_local dnnl::stream stream(Engine());
@@ -341,8 +351,124 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetOnednnConvKernelGrad, KernelGrad,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<ffi::Span<const int64_t>>("params"));
 
-// Threads of each oneDNN call (0: OpenMP's default, the usable cores).
-extern "C" void ResnetOnednnSetThreads(int threads) { g_threads.store(threads); }
+// ---------------------------------------------------------------- max-pool
+//
+// XLA's CPU backend turns the max-pool gradient into select_and_scatter, a
+// scalar loop; written out as strided views in JAX it still costs several
+// passes over the stem's activation (the largest of the network), whose
+// producer XLA fuses into each view. Here: one pass for the forward, one for
+// the gradient, which recomputes each window's first maximum from x.
+
+namespace {
+struct PoolShape { int64_t n, h, w, c, ho, wo, kh, kw, sh, sw, pt, pl; };
+
+ffi::Error PoolShapeOf(ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Dimensions y,
+                       ffi::Span<const int64_t> params, PoolShape* s) {
+  if (x.size() != 4 || y.size() != 4 || params.size() != 6 || x[0] != y[0] ||
+      x[3] != y[3]) {
+    return ffi::Error::InvalidArgument("max pool: expects NHWC x, y and 6 params");
+  }
+  *s = PoolShape{x[0], x[1], x[2], x[3], y[1], y[2], params[0], params[1],
+                 params[2], params[3], params[4], params[5]};
+  return ffi::Error::Success();
+}
+
+ffi::Error MaxPoolForward(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
+                          ffi::Span<const int64_t> params) {
+  PoolShape s;
+  if (auto e = PoolShapeOf(x.dimensions(), y->dimensions(), params, &s); e.failure()) return e;
+  SetThreads();
+  const float* in = x.typed_data();
+  float* out = y->typed_data();
+  const int64_t c = s.c;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t n = 0; n < s.n; ++n) {
+    for (int64_t oh = 0; oh < s.ho; ++oh) {
+      for (int64_t ow = 0; ow < s.wo; ++ow) {
+        float* o = out + ((n * s.ho + oh) * s.wo + ow) * c;
+        for (int64_t k = 0; k < c; ++k) o[k] = -std::numeric_limits<float>::infinity();
+        for (int64_t i = 0; i < s.kh; ++i) {
+          const int64_t ih = oh * s.sh + i - s.pt;
+          if (ih < 0 || ih >= s.h) continue;
+          for (int64_t j = 0; j < s.kw; ++j) {
+            const int64_t iw = ow * s.sw + j - s.pl;
+            if (iw < 0 || iw >= s.w) continue;
+            const float* v = in + ((n * s.h + ih) * s.w + iw) * c;
+            for (int64_t k = 0; k < c; ++k) o[k] = v[k] > o[k] ? v[k] : o[k];
+          }
+        }
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// dx: dy routed to the first maximum of each window in window order (as
+// XLA's select_and_scatter routes it), summed where windows overlap.
+ffi::Error MaxPoolInputGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                            ffi::ResultBuffer<ffi::F32> dx,
+                            ffi::Span<const int64_t> params) {
+  PoolShape s;
+  if (auto e = PoolShapeOf(x.dimensions(), dy.dimensions(), params, &s); e.failure()) return e;
+  SetThreads();
+  const float* in = x.typed_data();
+  const float* g = dy.typed_data();
+  float* out = dx->typed_data();
+  const int64_t c = s.c;
+#pragma omp parallel
+  {
+    std::vector<float> best(c);
+    std::vector<int32_t> where(c);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < s.n; ++n) {  // examples are independent: no races
+      float* dxn = out + n * s.h * s.w * c;
+      std::fill(dxn, dxn + s.h * s.w * c, 0.0f);
+      for (int64_t oh = 0; oh < s.ho; ++oh) {
+        for (int64_t ow = 0; ow < s.wo; ++ow) {
+          std::fill(best.begin(), best.end(), -std::numeric_limits<float>::infinity());
+          std::fill(where.begin(), where.end(), -1);
+          for (int64_t i = 0; i < s.kh; ++i) {
+            const int64_t ih = oh * s.sh + i - s.pt;
+            if (ih < 0 || ih >= s.h) continue;
+            for (int64_t j = 0; j < s.kw; ++j) {
+              const int64_t iw = ow * s.sw + j - s.pl;
+              if (iw < 0 || iw >= s.w) continue;
+              const float* v = in + ((n * s.h + ih) * s.w + iw) * c;
+              const int32_t pos = static_cast<int32_t>(ih * s.w + iw);
+              for (int64_t k = 0; k < c; ++k) {
+                const bool more = v[k] > best[k] || where[k] < 0;
+                best[k] = more ? v[k] : best[k];
+                where[k] = more ? pos : where[k];
+              }
+            }
+          }
+          const float* gy = g + ((n * s.ho + oh) * s.wo + ow) * c;
+          for (int64_t k = 0; k < c; ++k) {
+            if (where[k] >= 0) dxn[where[k] * c + k] += gy[k];
+          }
+        }
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetMaxPoolForward, MaxPoolForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("params"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetMaxPoolInputGrad, MaxPoolInputGrad,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("params"));
+
+// Threads of each call (0: OpenMP's default, the usable cores).
+extern "C" void ResnetCpuKernelsSetThreads(int threads) { g_threads.store(threads); }
 
 extern "C" int ResnetOnednnVersion() {
   const dnnl_version_t* v = dnnl_version();
