@@ -47,6 +47,7 @@ class ResNet(nn.Module):
     zero_init_residual: start the last norm (or conv) of each branch at zero.
     block_kwargs: extra fields for every block (groups, shortcut, ...).
     conv: the convolution module (nn.Conv or a faster drop-in).
+    norm_cls: the BatchNorm module (nn.BatchNorm or batchnorm.BatchNorm).
     max_pool: the stem's max-pool (nn.max_pool or pooling.max_pool).
     dtype: compute dtype; parameters stay in `param_dtype`.
     bn_momentum, bn_epsilon: in Flax's convention (PyTorch's 0.1 is 0.9 here).
@@ -62,6 +63,7 @@ class ResNet(nn.Module):
   zero_init_residual: bool = False
   block_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
   conv: ModuleDef = nn.Conv
+  norm_cls: ModuleDef = nn.BatchNorm
   max_pool: Callable[..., jax.Array] = nn.max_pool
   act: Callable[[jax.Array], jax.Array] = nn.relu
   dtype: Any = jnp.float32
@@ -74,7 +76,7 @@ class ResNet(nn.Module):
     conv = functools.partial(self.conv, use_bias=self.conv_bias,
                              kernel_init=_HE_NORMAL_FAN_OUT,
                              dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = functools.partial(nn.BatchNorm, momentum=self.bn_momentum,
+    norm = functools.partial(self.norm_cls, momentum=self.bn_momentum,
                              epsilon=self.bn_epsilon, dtype=self.dtype,
                              param_dtype=self.param_dtype)
     layers = dict(conv=conv, norm=norm, act=self.act)
@@ -216,10 +218,12 @@ def create_model(name: str, num_classes: int | None = None, *,
   if stage_sizes is not None:
     fields['stage_sizes'] = tuple(stage_sizes)
   if conv_impl != 'xla':
-    from resnet_jax import conv, pooling  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from resnet_jax import batchnorm, conv, pooling
     fields['conv'] = conv.get_conv(conv_impl)
-    if fields['conv'] is not nn.Conv:  # a CPU path: its max-pool gradient too
+    if fields['conv'] is not nn.Conv:  # a CPU path: its pool and BatchNorm too
       fields['max_pool'] = pooling.max_pool
+      fields['norm_cls'] = batchnorm.BatchNorm
   fields.update(overrides)
   return ResNet(num_classes=num_classes or entry.num_classes,
                 dtype=_DTYPES.get(dtype, dtype), **fields)
