@@ -273,9 +273,12 @@ def conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ...],
                      how: str, limit: int = PATCH_BYTES_LIMIT,
                      groups: int = 1) -> jax.Array:
   """d<conv(x), dy>/dkernel: 'patches' (patches^T @ dy, one matmul per chunk,
-  summed over chunks), 'onednn' or 'xla'."""
-  if how == 'onednn':
-    return onednn.conv_kernel_grad(x, dy, kernel_shape, strides, pads, groups)
+  summed over chunks), 'onednn' ('onednn-blocked', 'onednn-gemm': oneDNN's
+  other ways, onednn.KERNEL_GRAD_VARIANTS) or 'xla'."""
+  if how.startswith('onednn'):
+    variant = how.partition('-')[2] or 'nhwc'
+    return onednn.conv_kernel_grad(x, dy, kernel_shape, strides, pads, groups,
+                                   variant)
   if how == 'xla':
     k = jax.ShapeDtypeStruct(kernel_shape, dy.dtype)
     return jax.linear_transpose(
@@ -327,10 +330,15 @@ def auto_plan(kernel_shape: tuple[int, ...], strides: tuple[int, int],
   - 1x1 kernels are plain matmuls: patches in every pass, except on maps of
     10x10 outputs or more, where oneDNN's forward and kernel gradient win.
   - Otherwise oneDNN's forward and input gradient (1.3-2x the patch passes
-    and XLA's on most layers). Its kernel gradient too on outputs of 7x7
-    and more; on smaller maps oneDNN's (3.2, AVX2) kernel gradient falls to
-    10-60 GFLOP/s (1x1 maps with 512 channels: 10x slower than the
-    matmul), so there it is the patches' matmul.
+    and XLA's on most layers). Its kernel gradient: on maps of 20x20
+    outputs or more with 32+ input channels on blocked copies of x and dy
+    (faster than in place by more than the copies cost); with 128+ input
+    channels, stride 1 and 6x6 to 12x12 outputs its im2col + GEMM
+    implementation; on
+    other maps of 7x7 outputs or more in place; on smaller maps oneDNN's
+    (3.2, AVX2) direct kernel gradient falls to 10-60 GFLOP/s (1x1 maps
+    with 512 channels: 10x slower than the matmul), so there it is the
+    patches' matmul.
   - Grouped convolutions: oneDNN in every pass.
 
   Without it:
@@ -356,7 +364,16 @@ def auto_plan(kernel_shape: tuple[int, ...], strides: tuple[int, int],
       return ONEDNN_PLAN
     if kh * kw == 1:
       return ('onednn', 'col2im', 'onednn') if positions >= 100 else PATCHES_PLAN
-    return ('onednn', 'onednn', 'onednn' if positions >= 49 else 'patches')
+    cin = kernel_shape[2]
+    if positions >= 400 and cin >= 32:
+      wgrad = 'onednn-blocked'
+    elif cin >= 128 and positions >= 36 and max(strides) == 1:
+      wgrad = 'onednn-gemm'
+    elif positions >= 49:
+      wgrad = 'onednn'
+    else:
+      wgrad = 'patches'
+    return ('onednn', 'onednn', wgrad)
   if groups > 1:
     return XLA_PLAN
   if kh * kw == 1 or positions <= 9 or (cout >= 64 and positions <= 64):
@@ -453,7 +470,7 @@ class Conv(nn.Conv):
                              kernel_dilation)
     groups = self.feature_group_count
     plan = self.plan
-    if plan is None or 'onednn' in plan:
+    if plan is None or any(how.startswith('onednn') for how in plan):
       # oneDNN's convolutions are float32 (bfloat16 compute takes the others).
       use_onednn = x.dtype == jnp.float32 and native.available()
       if plan is None or not use_onednn:

@@ -46,10 +46,19 @@ using BiasBuffer = ffi::Buffer<ffi::F32, 1>;
 
 enum Pass : int64_t { kForward = 0, kInputGrad = 1, kKernelGrad = 2 };
 
+// How the kernel gradient is computed (oneDNN's default choice is not the
+// fastest everywhere; conv.auto_plan picks one per layer shape):
+// kNhwc: on the NHWC activations in place; kBlocked: on copies of x and dy
+// in the layout the primitive prefers (on large maps its blocked kernels
+// more than repay the copies); kGemm: oneDNN's im2col + GEMM implementation
+// (small maps with many channels).
+enum Variant : int64_t { kNhwc = 0, kBlocked = 1, kGemm = 2 };
+
 // One convolution problem: everything a primitive depends on.
 struct Problem {
   int64_t pass, n, h, w, c, kh, kw, o, groups, ho, wo, sh, sw, pt, pb, pl, pr;
   int64_t bias;  // the forward adds a bias (fused into the convolution)
+  int64_t variant;  // kernel gradient: a Variant
 
   std::string Key() const {
     std::string key(sizeof(Problem), '\0');
@@ -68,6 +77,9 @@ struct Prepared {
   bool reorder = false;
   dnnl::reorder kernel_reorder;  // hwio -> blocked, or blocked -> hwio
   size_t scratch_bytes = 0;
+  // kBlocked: the activations' layouts and the copies into them.
+  memory::desc src_blocked, dst_blocked;
+  dnnl::reorder src_reorder, dst_reorder;
 };
 
 dnnl::engine& Engine() {
@@ -115,6 +127,11 @@ std::unique_ptr<Prepared> Prepare(const Problem& p) {
 
   auto prepared = std::make_unique<Prepared>();
   prepared->hwio = HwioDesc(p);
+  const memory::desc src_nhwc = src, dst_nhwc = dst;
+  if (p.pass == kKernelGrad && p.variant == kBlocked) {
+    src = memory::desc({p.n, p.c, p.h, p.w}, f32, tag::any);
+    dst = memory::desc({p.n, p.o, p.ho, p.wo}, f32, tag::any);
+  }
   // The backward primitives are created with the forward one as their hint.
   dnnl::convolution_forward::primitive_desc fwd =
       p.bias ? dnnl::convolution_forward::primitive_desc(
@@ -138,11 +155,31 @@ std::unique_ptr<Prepared> Prepare(const Problem& p) {
     prepared->blocked = bwd.weights_desc();
     pd = bwd;
   } else {
-    dnnl::convolution_backward_weights::primitive_desc bwd(
-        engine, dnnl::algorithm::convolution_direct, src, AnyKernelDesc(p), dst,
-        strides, pad_l, pad_r, fwd, attr);
+    auto make = [&] {
+      return dnnl::convolution_backward_weights::primitive_desc(
+          engine, dnnl::algorithm::convolution_direct, src, AnyKernelDesc(p),
+          dst, strides, pad_l, pad_r, fwd, attr);
+    };
+    auto bwd = make();
+    if (p.variant == kGemm) {
+      bool found = false;
+      do {
+        found = std::string(bwd.impl_info_str()).find("gemm") != std::string::npos;
+      } while (!found && bwd.next_impl());
+      if (!found) bwd = make();  // none here: oneDNN's first choice
+    }
     prepared->primitive = dnnl::convolution_backward_weights(bwd);
     prepared->blocked = bwd.diff_weights_desc();
+    if (bwd.src_desc() != src_nhwc) {
+      prepared->src_blocked = bwd.src_desc();
+      prepared->src_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
+          engine, src_nhwc, engine, prepared->src_blocked));
+    }
+    if (bwd.diff_dst_desc() != dst_nhwc) {
+      prepared->dst_blocked = bwd.diff_dst_desc();
+      prepared->dst_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
+          engine, dst_nhwc, engine, prepared->dst_blocked));
+    }
     pd = bwd;
   }
   prepared->scratch_bytes = pd.scratchpad_desc().get_size();
@@ -193,13 +230,18 @@ ffi::Error Run(const Problem& p, void* src, void* kernel, void* dst,
   try {
     SetThreads();
     const Prepared& prep = Lookup(p);
-    thread_local Buffer scratch_buffer, kernel_buffer;
+    thread_local Buffer scratch_buffer, kernel_buffer, src_buffer, dst_buffer;
     thread_local dnnl::stream stream(Engine());
     void* scratch = scratch_buffer.Get(prep.scratch_bytes);
     void* blocked = prep.reorder
                         ? kernel_buffer.Get(prep.blocked.get_size())
                         : kernel;
-    if ((prep.scratch_bytes && !scratch) || !blocked) {
+    const bool src_copy = prep.src_blocked.get_ndims() > 0;
+    const bool dst_copy = prep.dst_blocked.get_ndims() > 0;
+    void* src_blocked = src_copy ? src_buffer.Get(prep.src_blocked.get_size()) : src;
+    void* dst_blocked = dst_copy ? dst_buffer.Get(prep.dst_blocked.get_size()) : dst;
+    if ((prep.scratch_bytes && !scratch) || !blocked || !src_blocked ||
+        !dst_blocked) {
       return ffi::Error(ffi::ErrorCode::kResourceExhausted,
                         "oneDNN convolution: out of memory for its buffers");
     }
@@ -226,7 +268,16 @@ ffi::Error Run(const Problem& p, void* src, void* kernel, void* dst,
       args.insert({{DNNL_ARG_DIFF_DST, dst_mem}, {DNNL_ARG_WEIGHTS, blocked_mem},
                    {DNNL_ARG_DIFF_SRC, src_mem}});
     } else {
-      args.insert({{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_DIFF_DST, dst_mem},
+      memory x_mem = src_mem, dy_mem = dst_mem;
+      if (src_copy) {
+        x_mem = memory(prep.src_blocked, engine, src_blocked);
+        prep.src_reorder.execute(stream, src_mem, x_mem);
+      }
+      if (dst_copy) {
+        dy_mem = memory(prep.dst_blocked, engine, dst_blocked);
+        prep.dst_reorder.execute(stream, dst_mem, dy_mem);
+      }
+      args.insert({{DNNL_ARG_SRC, x_mem}, {DNNL_ARG_DIFF_DST, dy_mem},
                    {DNNL_ARG_DIFF_WEIGHTS, blocked_mem}});
     }
     if (p.pass != kKernelGrad && prep.reorder) {
@@ -247,22 +298,25 @@ ffi::Error Run(const Problem& p, void* src, void* kernel, void* dst,
   }
 }
 
-// params: strides (2), pads (top, bottom, left, right), groups.
+// params: strides (2), pads (top, bottom, left, right), groups, and for
+// the kernel gradient a Variant.
 ffi::Error MakeProblem(Pass pass, ffi::Span<const int64_t> params,
                        ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Dimensions k,
                        ffi::AnyBuffer::Dimensions y, Problem* p) {
-  if (params.size() != 7 || x.size() != 4 || k.size() != 4 || y.size() != 4) {
+  if (params.size() < 7 || params.size() > 8 || x.size() != 4 || k.size() != 4 ||
+      y.size() != 4) {
     return ffi::Error::InvalidArgument(
-        "oneDNN convolution: expects NHWC x and y, an HWIO kernel and 7 params");
+        "oneDNN convolution: expects NHWC x and y, an HWIO kernel and 7-8 params");
   }
   *p = Problem{pass, x[0], x[1], x[2], x[3], k[0], k[1], k[3], params[6],
                y[1], y[2], params[0], params[1], params[2], params[3],
-               params[4], params[5], 0};
+               params[4], params[5], 0, params.size() > 7 ? params[7] : kNhwc};
   if (p->groups < 1 || p->c != k[2] * p->groups || p->o % p->groups ||
-      y[0] != x[0] || y[3] != p->o) {
+      y[0] != x[0] || y[3] != p->o || p->variant < kNhwc || p->variant > kGemm) {
     return ffi::Error::InvalidArgument(
-        "oneDNN convolution: inconsistent shapes or groups");
+        "oneDNN convolution: inconsistent shapes, groups or variant");
   }
+  if (pass != kKernelGrad) p->variant = kNhwc;
   return ffi::Error::Success();
 }
 

@@ -96,14 +96,16 @@ def test_onednn_passes_match_xla_on_random_layers_inside_jit():
     y_ref, vjp = jax.vjp(reference, x, kernel)
     dy = jnp.asarray(rng.normal(size=y_ref.shape), jnp.float32)
     dx_ref, dk_ref = vjp(dy)
-    y, dx, dk = jax.jit(lambda x, kernel, dy: (
+    y, dx, dks = jax.jit(lambda x, kernel, dy: (
         onednn.conv_forward(x, kernel, s, pads, groups),
         onednn.conv_input_grad(dy, kernel, x.shape, s, pads, groups),
-        onednn.conv_kernel_grad(x, dy, kernel.shape, s, pads, groups)))(x, kernel, dy)
+        [onednn.conv_kernel_grad(x, dy, kernel.shape, s, pads, groups, v)
+         for v in onednn.KERNEL_GRAD_VARIANTS]))(x, kernel, dy)
     case = (x.shape, kernel.shape, s, pads, groups)
     assert _rel_err(y_ref, y) < 1e-5, case
     assert _rel_err(dx_ref, dx) < 1e-5, case
-    assert _rel_err(dk_ref, dk) < 1e-5, case
+    for variant, dk in zip(onednn.KERNEL_GRAD_VARIANTS, dks):
+      assert _rel_err(dk_ref, dk) < 1e-5, (case, variant)
 
 
 @pytest.mark.parametrize('kernel,stride,impl', [(3, 1, 'patches'), (3, 2, 'patches'),
@@ -160,7 +162,13 @@ def test_auto_plan_with_onednn_follows_the_measured_rule():
   assert plan((3, 3, 16, 16), (1, 1), (32, 32)) == conv.ONEDNN_PLAN
   assert plan((7, 7, 1, 64), (2, 2), (48, 48)) == conv.ONEDNN_PLAN
   assert plan((3, 3, 64, 64), (1, 1), (7, 7)) == conv.ONEDNN_PLAN
-  assert plan((3, 3, 256, 256), (1, 1), (6, 6)) == ('onednn', 'onednn', 'patches')
+  # Its kernel gradient on blocked copies (large maps), as im2col + GEMM
+  # (many channels on small maps), or the patches' matmul (tiny maps).
+  assert plan((3, 3, 64, 64), (1, 1), (24, 24)) == ('onednn', 'onednn', 'onednn-blocked')
+  assert plan((3, 3, 128, 128), (1, 1), (12, 12)) == ('onednn', 'onednn', 'onednn-gemm')
+  assert plan((3, 3, 256, 256), (1, 1), (6, 6)) == ('onednn', 'onednn', 'onednn-gemm')
+  assert plan((3, 3, 128, 256), (2, 2), (6, 6)) == ('onednn', 'onednn', 'patches')
+  assert plan((3, 3, 512, 512), (1, 1), (3, 3)) == ('onednn', 'onednn', 'patches')
   assert plan((3, 3, 512, 512), (1, 1), (1, 1)) == ('onednn', 'onednn', 'patches')
   # 1x1 convolutions are matmuls: patches, unless the map is large.
   assert plan((1, 1, 128, 256), (2, 2), (6, 6)) == conv.PATCHES_PLAN
