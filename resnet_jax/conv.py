@@ -1,8 +1,12 @@
-"""Convolution modules: XLA's own, and a patches-plus-matmul fast path for CPU.
+"""Convolution modules: XLA's own, and the fast paths for XLA's CPU backend.
 
 XLA's CPU backend runs a 2-D matmul at close to the machine's peak, but its
 convolutions much slower, and the weight-gradient convolution slowest of all.
-`PatchConv` therefore writes a convolution as
+Each of the three convolutions of a layer (forward, input gradient, kernel
+gradient) can instead be computed by oneDNN (`onednn.py`: PyTorch's CPU
+convolutions, as custom calls into the native kernels) or as patches plus a
+matmul; `auto_plan` chooses per layer and pass, `planned_conv` ties the
+three together with a custom VJP. The patch form writes a convolution as
 
     y = patches(x) @ W        patches: (N*Ho*Wo, kh*kw*Cin), W: (kh*kw*Cin, Cout)
 
@@ -427,14 +431,16 @@ planned_conv.defvjp(_planned_conv_fwd, _planned_conv_bwd)
 
 
 class Conv(nn.Conv):
-  """`flax.linen.Conv` computed as patches @ kernel (fast on XLA's CPU backend).
+  """`flax.linen.Conv` with each pass computed as `plan` says (by default
+  patches @ kernel; fast on XLA's CPU backend).
 
   Named `Conv` so that Flax auto-names its instances 'Conv_0', 'Conv_1', ...
   exactly like nn.Conv's, which keeps parameter trees interchangeable.
 
-  Same fields, parameters and numbers as nn.Conv. Configurations the matmul
-  form does not cover (grouped or dilated convolutions, negative padding) use
-  lax.conv_general_dilated on the same parameters; padding modes other than
+  Same fields, parameters and numbers as nn.Conv. Configurations the plan
+  does not cover (dilated convolutions, negative padding, grouped ones
+  without oneDNN) use lax.conv_general_dilated on the same parameters;
+  padding modes other than
   'SAME', 'VALID' and explicit integers, masks and non-2-D inputs raise.
   """
 

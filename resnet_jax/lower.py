@@ -31,8 +31,8 @@ from typing import Any, Iterable
 import jax
 import numpy as np
 
-from resnet_jax import (conv, datasets, device_data, run_setup, sharding,
-                        train_step)
+from resnet_jax import (conv, datasets, device_data, native, run_setup,
+                        sharding, train_step)
 from resnet_jax.errors import UserError
 
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
@@ -169,8 +169,13 @@ def collectives_in(hlo_text: str) -> dict[str, dict[str, int]]:
 
 
 def _export(step_fn, args, platforms: tuple[str, ...], name: str):
+  # The native CPU kernels are this project's own FFI targets, with no
+  # compatibility guarantee across jaxlib versions: allowed on the CPU only.
+  allowed = ([jax.export.DisabledSafetyCheck.custom_call(t) for t in native.TARGETS]
+             if platforms == ('cpu',) else [])
   try:
-    return jax.export.export(step_fn, platforms=platforms)(*args)
+    return jax.export.export(step_fn, platforms=platforms,
+                             disabled_checks=allowed)(*args)
   except Exception as e:  # pylint: disable=broad-except
     first = str(e).strip().splitlines()[0] if str(e).strip() else ''
     hint = ''

@@ -53,8 +53,6 @@ TARGETS = {'resnet_jax_onednn_conv_forward': 'ResnetOnednnConvForward',
            'resnet_jax_max_pool_input_grad': 'ResnetMaxPoolInputGrad'}
 _FLAGS = ('-O3', '-std=c++17', '-shared', '-fPIC', '-fopenmp', '-w')
 
-Pads = tuple[tuple[int, int], tuple[int, int]]
-
 
 class Unavailable(Exception):
   """Why the native kernels cannot be built or loaded here."""

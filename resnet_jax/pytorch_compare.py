@@ -10,7 +10,9 @@ pass --notorch to time the JAX implementations only.
 One train step = forward + backward + SGD-momentum update in float32, with
 BatchNorm in training mode and a softmax cross-entropy loss; PyTorch runs in
 channels_last, JAX in NHWC with every conv implementation of --impls
-(models from `resnet_jax.models.create_model`).
+(models from `resnet_jax.models.create_model`); 'auto-nonative' is 'auto'
+with the native CPU kernels switched off (RESNET_JAX_NATIVE=0: no oneDNN
+convolutions, the strided-view max-pool), the CPU path before them.
 
 Each framework (and each JAX implementation) runs in **its own process**: in
 one process each framework's idle thread pool slows the other (PyTorch's
@@ -43,7 +45,7 @@ import jax
 import numpy as np
 import optax
 
-from resnet_jax import cli, conv, models
+from resnet_jax import cli, conv, models, native
 from resnet_jax.errors import UserError
 
 # name -> (input HWC, batch)
@@ -53,6 +55,8 @@ SETUPS = {
     'cifar_resnet20': ((32, 32, 3), 128),
 }
 PAUSE_S = 1.0  # between turns: idle OpenMP / XLA pool threads stop spinning
+# --impls: conv implementations, plus 'auto' without the native kernels.
+IMPLS = conv.CONV_IMPLS + ('auto-nonative',)
 
 
 # ----------------------------------------------------------------------------- PyTorch
@@ -182,7 +186,7 @@ def _names(value: str, flag: str, what: str, choices) -> list[str]:
 
 def _check_flags(f) -> tuple[list[str], list[str]]:
   names = _names(f.models, 'models', 'model', tuple(SETUPS))
-  impls = _names(f.impls, 'impls', 'conv implementation', conv.CONV_IMPLS)
+  impls = _names(f.impls, 'impls', 'conv implementation', IMPLS)
   for flag in ('steps', 'rounds', 'threads'):
     if getattr(f, flag) < 1:
       raise UserError(f'--{flag}={getattr(f, flag)}: give 1 or more')
@@ -212,8 +216,14 @@ def worker(label: str, name: str, steps: int, threads: int) -> None:
     step = torch_stepper(name, shape, batch)
     version = f'torch {torch.__version__} ({torch.get_num_threads()} threads)'
   else:
-    step = jax_stepper(name, shape, batch, label.removeprefix('jax-'))
+    impl = label.removeprefix('jax-')
+    if impl == 'auto-nonative':
+      os.environ['RESNET_JAX_NATIVE'] = '0'
+      impl = 'auto'
+    step = jax_stepper(name, shape, batch, impl)
     version = f'jax {jax.__version__} ({jax.default_backend()})'
+    if impl in ('auto', 'onednn') and native.available():
+      version += f', oneDNN {native.onednn_version()}'
   step()
   step()
   print(json.dumps({'ready': time.perf_counter() - t, 'version': version}),
@@ -308,7 +318,7 @@ def _define_flags() -> None:
       f'Comma-separated models to time: {", ".join(SETUPS)}.')
   flags.DEFINE_string(
       'impls', 'auto,xla',
-      f'Comma-separated JAX conv implementations: {", ".join(conv.CONV_IMPLS)}.')
+      f'Comma-separated JAX conv implementations: {", ".join(IMPLS)}.')
   flags.DEFINE_integer('steps', 3, 'Timed steps per turn.')
   flags.DEFINE_integer('rounds', 5, 'Rounds (frameworks take turns).')
   flags.DEFINE_integer('threads', 2, 'torch.set_num_threads.')

@@ -1,5 +1,6 @@
-"""Every recipe lowers for GPU and TPU on 8 devices, and a CPU-only path
-(an FFI call, a host callback) in an accelerator program fails the lowering.
+"""Every recipe lowers for GPU and TPU on 8 devices, a CPU-only path (an
+FFI call, a host callback) in an accelerator program fails the lowering,
+and the CPU lowering keeps the native kernels, per device.
 
 The lowering runs in a subprocess with 8 simulated CPU devices standing in
 for the accelerator's (the test process has one).
@@ -13,6 +14,8 @@ import sys
 import pytest
 
 from test_training import _env
+
+from resnet_jax import native
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.stem for p in (ROOT / 'configs').glob('*.py')
@@ -39,6 +42,11 @@ for name in sys.argv[1:]:
                       'devices': s.devices, 'custom_calls': s.custom_calls,
                       'annotations': s.sharding_annotations,
                       'bytes': s.program_bytes}), flush=True)
+
+# The CPU itself: the native kernels are custom calls there, split per device.
+for s in lower.lower_steps(config('default'), ['cpu']):
+  print(json.dumps({'cpu_step': s.step, 'custom_calls': s.custom_calls,
+                    'collectives': s.collectives}), flush=True)
 
 # CPU-only paths leaking into the loss of every step.
 cross_entropy = train_step.cross_entropy
@@ -86,6 +94,16 @@ def test_every_config_lowers_for_gpu_and_tpu_on_8_devices(lowered):
     assert r['annotations'] > 0, r  # the batch is split over the mesh
     assert set(r['custom_calls']) <= {'Sharding', 'SPMDFullToShardShape',
                                       'SPMDShardToFullShape'}, r
+
+
+@pytest.mark.skipif(not native.available(), reason='no native CPU kernels here')
+def test_the_cpu_lowering_keeps_its_native_kernels_per_device(lowered):
+  steps = {r['cpu_step']: r for r in lowered if 'cpu_step' in r}
+  assert set(steps) == {'train', 'eval'}
+  for r in steps.values():
+    assert 'resnet_jax_onednn_conv_forward' in r['custom_calls'], r
+    assert 'all-gather' not in r['collectives'], r  # no batch gathered
+  assert 'resnet_jax_onednn_conv_input_grad' in steps['train']['custom_calls']
 
 
 @pytest.mark.parametrize('leak,reason', [('ffi', 'custom call'),
