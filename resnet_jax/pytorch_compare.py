@@ -21,7 +21,11 @@ each model the workers start one after another and compile / warm up; then
 in each of --rounds rounds every worker in turn times --steps steps while
 the others wait blocked on a pipe, with a pause between turns so that
 spinning threads go to sleep; the median step time over all rounds gives
-images/s. Alternating spreads a disturbance from other processes over all
+images/s. It is reported twice: over every timed step, and back to back,
+leaving out the first step of each turn (the one that wakes the process
+from the pause; a training loop never pauses: on a 2-core Zen 3 JAX's
+first step after a 1 s pause took ~10 % longer than the next, PyTorch's
+~1 %). Alternating spreads a disturbance from other processes over all
 of them alike. Results are made ready (jax.block_until_ready / a synchronous
 PyTorch CPU step) before the clock stops. Every worker applies
 `conv.configure_cpu_malloc`, so both frameworks get the same allocator.
@@ -272,8 +276,8 @@ class _Worker:
 
 
 def compare(name: str, labels: list[str], steps: int, rounds: int,
-            threads: int) -> dict[str, list[float]]:
-  """Step times of each label for `name`, frameworks taking turns."""
+            threads: int) -> dict[str, list[list[float]]]:
+  """Step times of each label for `name` per turn, frameworks taking turns."""
   workers = []
   try:
     for label in labels:  # one at a time: compilation does not overlap
@@ -284,7 +288,7 @@ def compare(name: str, labels: list[str], steps: int, rounds: int,
     for _ in range(rounds):
       for w in workers:
         time.sleep(PAUSE_S)
-        times[w.label] += w.run()
+        times[w.label].append(w.run())
     return times
   finally:
     for w in workers:
@@ -302,14 +306,23 @@ def main(argv: list[str]) -> None:
   print(f'each in its own process, {f.rounds} rounds of {f.steps} steps')
   for name in names:
     shape, batch = SETUPS[name]
-    times = compare(name, labels, f.steps, f.rounds, f.threads)
+    turns = compare(name, labels, f.steps, f.rounds, f.threads)
     print(f'{name} {shape[0]}x{shape[1]}x{shape[2]} batch {batch}:')
-    rate = {k: batch / float(np.median(v)) for k, v in times.items()}
-    for label, r in rate.items():
-      spread = np.percentile(times[label], [10, 90])
-      ratio = f'  {r / rate["torch"]:.2f}x torch' if 'torch' in rate else ''
-      print(f'  {label:>14}: {r:7.1f} images/s  (step {np.median(times[label]) * 1e3:.0f} ms, '
-            f'p10-p90 {spread[0] * 1e3:.0f}-{spread[1] * 1e3:.0f} ms){ratio}', flush=True)
+    _report(batch, {k: [t for turn in v for t in turn] for k, v in turns.items()},
+            'every timed step')
+    if f.steps > 1:
+      _report(batch, {k: [t for turn in v for t in turn[1:]] for k, v in turns.items()},
+              'back to back (the first step of each turn left out)')
+
+
+def _report(batch: int, times: dict[str, list[float]], what: str) -> None:
+  print(f'  {what}:')
+  rate = {k: batch / float(np.median(v)) for k, v in times.items()}
+  for label, r in rate.items():
+    spread = np.percentile(times[label], [10, 90])
+    ratio = f'  {r / rate["torch"]:.2f}x torch' if 'torch' in rate else ''
+    print(f'  {label:>18}: {r:7.1f} images/s  (step {np.median(times[label]) * 1e3:.0f} ms, '
+          f'p10-p90 {spread[0] * 1e3:.0f}-{spread[1] * 1e3:.0f} ms){ratio}', flush=True)
 
 
 def _define_flags() -> None:
