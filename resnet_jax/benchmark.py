@@ -45,7 +45,7 @@ from absl import flags
 from jax.sharding import PartitionSpec as P
 
 from resnet_jax import (cli, conv, datasets, device_data, input_pipeline,
-                        run_setup, sharding)
+                        models, run_setup, sharding)
 from resnet_jax.errors import UserError
 
 # device_kind substring (lower case; first match wins) -> dense peak FLOP/s per
@@ -139,7 +139,7 @@ def _compile(fn, *args) -> tuple[Any, dict[str, float]]:
 
 def _flops(fn, state: Any, batch: dict, model: nn.Module) -> float | None:
   """FLOPs of one call over all devices, from XLA's cost analysis of the same
-  step with XLA's own convolutions (`nn.Conv`).
+  step with Flax's own layers (`models.xla_twin`: nn.Conv, nn.BatchNorm).
 
   The arithmetic is the model's whatever the conv implementation; but the
   patch formulations compute their patches in chunk loops, and XLA's cost
@@ -152,7 +152,7 @@ def _flops(fn, state: Any, batch: dict, model: nn.Module) -> float | None:
   are None (unknown), never a wrong figure. The count is the same on every
   platform, so take it from a CPU run of the same config.
   """
-  twin = state.replace(apply_fn=model.clone(conv=nn.Conv).apply)
+  twin = state.replace(apply_fn=models.xla_twin(model).apply)
   cost = fn.lower(twin, batch).cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per module
     cost = cost[0] if cost else {}

@@ -229,6 +229,15 @@ def create_model(name: str, num_classes: int | None = None, *,
                 dtype=_DTYPES.get(dtype, dtype), **fields)
 
 
+def xla_twin(model: ResNet) -> ResNet:
+  """The same network with Flax's own conv, BatchNorm and max-pool.
+
+  Same parameters and numbers; XLA's cost analysis sees its arithmetic,
+  which it cannot in the CPU paths' custom calls and chunk loops.
+  """
+  return model.clone(conv=nn.Conv, norm_cls=nn.BatchNorm, max_pool=nn.max_pool)
+
+
 def from_config(model_config: Any) -> ResNet:
   """The network a config's `model` section describes (a ConfigDict, or the
   dict a workdir's config.json holds): `create_model(**section)`."""

@@ -4,6 +4,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from resnet_jax import config, models, summary
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -73,3 +75,14 @@ def test_summary_cli(tmp_path):
       "error: config field model.name='resnet99' is invalid: must be a "
       'registered model')
   assert 'Traceback' not in bad.stderr
+
+
+@pytest.mark.parametrize('impl', ['auto', 'patches'])
+def test_flops_count_the_convolutions_of_every_conv_impl(impl):
+  # The CPU paths hide their convolutions from XLA's cost analysis (oneDNN
+  # custom calls, patch chunk loops); the count must be the model's anyway.
+  shape = (1, 32, 32, 3)
+  xla = summary.summarize(models.create_model('cifar_resnet20'), shape)
+  fast = summary.summarize(
+      models.create_model('cifar_resnet20', conv_impl=impl), shape)
+  assert fast['flops_per_example'] == xla['flops_per_example'] > 3e7
