@@ -242,7 +242,7 @@ def conv_forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads
                 precision)
     return y.reshape(p.shape[:3] + (cout,))
 
-  out_hw = _out_hw(x.shape, kernel.shape, strides, pads)
+  out_hw = onednn.out_hw(x.shape, kernel.shape, strides, pads)
   chunks = batch_chunks(x.shape[0], _patch_bytes(x.shape, kernel.shape, out_hw,
                                                  x.dtype.itemsize), limit)
   return _over_chunks(one, chunks, x)
@@ -303,12 +303,6 @@ def conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ...],
       0, chunks, lambda i, acc: acc + one(split[0][i], split[1][i]).astype(acc_dtype),
       jnp.zeros((kh * kw * cin, cout), acc_dtype))
   return total.astype(dy.dtype).reshape(kernel_shape)
-
-
-def _out_hw(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
-            strides: tuple[int, int], pads: Pads) -> tuple[int, int]:
-  return tuple((x_shape[1 + a] + sum(pads[a]) - kernel_shape[a]) // strides[a] + 1
-               for a in range(2))
 
 
 # How each of the three convolutions of a layer is computed: (forward, input
@@ -481,7 +475,7 @@ class Conv(nn.Conv):
       use_onednn = x.dtype == jnp.float32 and native.available()
       if plan is None or not use_onednn:
         plan = auto_plan(kernel.shape, strides,
-                         _out_hw(x.shape, kernel.shape, strides, pads), groups,
+                         onednn.out_hw(x.shape, kernel.shape, strides, pads), groups,
                          use_onednn)
     plan = tuple(plan)
     if (input_dilation == (1, 1) and kernel_dilation == (1, 1)

@@ -44,6 +44,16 @@ namespace {
 
 using BiasBuffer = ffi::Buffer<ffi::F32, 1>;
 
+// The binding of the handlers that take two float32 buffers and return one,
+// with the int64 "params" attribute that describes the op.
+auto TwoToOneBinding() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<ffi::Span<const int64_t>>("params");
+}
+
 enum Pass : int64_t { kForward = 0, kInputGrad = 1, kKernelGrad = 2 };
 
 // How the kernel gradient is computed (oneDNN's default choice is not the
@@ -377,11 +387,7 @@ ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetOnednnConvForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("params"));
+                              TwoToOneBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetOnednnConvForwardBias, ForwardBias,
                               ffi::Ffi::Bind()
@@ -392,18 +398,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetOnednnConvForwardBias, ForwardBias,
                                   .Attr<ffi::Span<const int64_t>>("params"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetOnednnConvInputGrad, InputGrad,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("params"));
+                              TwoToOneBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetOnednnConvKernelGrad, KernelGrad,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("params"));
+                              TwoToOneBinding());
 
 // ---------------------------------------------------------------- max-pool
 //
@@ -515,11 +513,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetMaxPoolForward, MaxPoolForward,
                                   .Attr<ffi::Span<const int64_t>>("params"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetMaxPoolInputGrad, MaxPoolInputGrad,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("params"));
+                              TwoToOneBinding());
 
 // Threads of each call (0: OpenMP's default, the usable cores).
 extern "C" void ResnetCpuKernelsSetThreads(int threads) { g_threads.store(threads); }

@@ -46,6 +46,8 @@ def _call(what: str, out_shape: tuple[int, ...], operands: tuple[jax.Array, ...]
 
 
 def out_hw(x_shape, kernel_shape, strides, pads) -> tuple[int, int]:
+  """Output height and width of a window of kernel_shape[:2] (a convolution's
+  kernel or a pooling window) sliding over NHWC `x_shape`."""
   return tuple((x_shape[1 + a] + sum(pads[a]) - kernel_shape[a]) // strides[a] + 1
                for a in range(2))
 

@@ -5,9 +5,10 @@ CPU backend runs as a slow scalar loop: on the textbook ResNet-18 (the stem's
 3x3/2 pool over 48x48x64 maps at batch 256) it costs about a third of a
 second per train step. `max_pool` computes the same forward pass and the
 same gradient, in float32 on the CPU with the native kernels (`native.py`:
-one pass each, per device), else from strided views: the max is recomputed from the kh*kw
-window views in the backward pass (comparing the views with the forward's
-output instead can lose gradients where XLA fused the forward differently),
+one pass each, per device), else from strided views: the max is recomputed
+from the kh*kw window views in the backward pass (comparing the views with
+the forward's output instead can lose gradients where XLA fused the forward
+differently),
 and each view passes `dy` to the first position in window order that holds
 the max, as `select_and_scatter` does, so ties (the zeros after a ReLU) get
 exactly XLA's gradient. The strided scatter is an interior-padded `lax.pad`
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from resnet_jax import native, sharding
+from resnet_jax import native, onednn, sharding
 
 Pairs = tuple[tuple[int, int], tuple[int, int]]
 
@@ -51,11 +52,6 @@ def _params(window, strides, padding) -> np.ndarray:
   return np.array([*window, *strides, padding[0][0], padding[1][0]], np.int64)
 
 
-def _out_hw(x_shape, window, strides, padding) -> tuple[int, int]:
-  return tuple((x_shape[1 + a] + sum(padding[a]) - window[a]) // strides[a] + 1
-               for a in range(2))
-
-
 def _use_native(x: jax.Array) -> bool:
   return x.dtype == jnp.float32 and native.available()
 
@@ -63,7 +59,7 @@ def _use_native(x: jax.Array) -> bool:
 def _forward(x, window, strides, padding):
   if _use_native(x):
     def pool(x):
-      shape = (x.shape[0], *_out_hw(x.shape, window, strides, padding), x.shape[3])
+      shape = (x.shape[0], *onednn.out_hw(x.shape, window, strides, padding), x.shape[3])
       return native.call('resnet_jax_max_pool', jax.ShapeDtypeStruct(shape, x.dtype),
                          x, params=_params(window, strides, padding))
     return sharding.per_device(pool, (True,))(x)
@@ -118,13 +114,15 @@ def self_check() -> bool:
   """Whether `max_pool`'s value and gradient equal XLA's bitwise, on
   small integers (many ties, routed to the first maximum as XLA does)."""
   rng = np.random.default_rng(0)
-  for shape, window, strides, padding in [((2, 9, 8, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),
-                                          ((3, 7, 7, 5), (2, 2), (1, 1), ((0, 1), (1, 0)))]:
+  cases = [((2, 9, 8, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),
+           ((3, 7, 7, 5), (2, 2), (1, 1), ((0, 1), (1, 0)))]
+  for shape, window, strides, padding in cases:
     x = jnp.asarray(rng.integers(0, 4, shape), jnp.float32)
-    reference = lambda x, w=window, s=strides, p=padding: nn.max_pool(x, w, s, p)
-    y, vjp = jax.vjp(reference, x)
+    y, vjp = jax.vjp(lambda x, w=window, s=strides, p=padding:
+                     nn.max_pool(x, w, s, p), x)
     dy = jnp.asarray(rng.integers(-3, 4, y.shape), jnp.float32)
-    ours, our_vjp = jax.vjp(lambda x, w=window, s=strides, p=padding: max_pool(x, w, s, p), x)
+    ours, our_vjp = jax.vjp(lambda x, w=window, s=strides, p=padding:
+                            max_pool(x, w, s, p), x)
     if not (np.array_equal(y, ours) and np.array_equal(vjp(dy)[0], our_vjp(dy)[0])):
       return False
   return True

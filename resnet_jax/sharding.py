@@ -77,8 +77,9 @@ def per_device(fn: Callable[..., jax.Array], batched: Sequence[bool],
   traces the steps) this runs `fn` in a `shard_map` over every mesh axis
   instead: the arguments marked in `batched` are split along their first
   axis, the others replicated, and the result is split too, or, when
-  `summed` (a kernel gradient), summed over the devices. Without a mesh of several devices, or with a batch that does
-  not split evenly, it is `fn` itself.
+  `summed` (a kernel gradient), summed over the devices. Without a mesh of
+  several devices, or with a batch that does not split evenly, it is `fn`
+  itself.
   """
   def call(*args: jax.Array) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()

@@ -9,7 +9,8 @@ and the input one image of the run's data (image_size, the dataset's
 channels). The shapes are those the model sows (stem conv, stem pool, each
 stage, the pooled features) plus the logits, the textbook's listing. FLOPs
 come from XLA's cost analysis of the compiled forward pass (not counted by
-hand) of the same network with Flax's own layers (`models.xla_twin`); `--table` adds Flax's per-module table (`nn.tabulate`).
+hand) of the same network with Flax's own layers (`models.xla_twin`);
+`--table` adds Flax's per-module table (`nn.tabulate`).
 """
 
 from typing import Any

@@ -237,7 +237,7 @@ def jit_steps(replicated: jax.sharding.NamedSharding,
   'ema' evaluates the EMA model), compiled for the mesh: state and metrics
   replicated, batches split along the data axis. Both are traced with the
   mesh as the context mesh, so that the CPU convolutions run on each
-  device's slice of the batch (`conv.per_device`) instead of gathering it."""
+  device's slice of the batch (`sharding.per_device`) instead of gathering it."""
   mesh = replicated.mesh
   train = jax.jit(
       _with_mesh(mesh, train_step, preprocess=preprocess,
