@@ -330,34 +330,37 @@ ffi::Error MakeProblem(Pass pass, ffi::Span<const int64_t> params,
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
-                   ffi::ResultBuffer<ffi::F32> y,
-                   ffi::Span<const int64_t> params) {
+// The forward convolution, plus `bias` (added as oneDNN writes y) if given.
+ffi::Error RunForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                      const BiasBuffer* bias, ffi::ResultBuffer<ffi::F32> y,
+                      ffi::Span<const int64_t> params) {
   Problem p;
   if (auto e = MakeProblem(kForward, params, x.dimensions(), kernel.dimensions(),
                            y->dimensions(), &p);
       e.failure()) {
     return e;
   }
-  return Run(p, x.untyped_data(), kernel.untyped_data(), y->untyped_data());
-}
-
-ffi::Error ForwardBias(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
-                       BiasBuffer bias,
-                       ffi::ResultBuffer<ffi::F32> y,
-                       ffi::Span<const int64_t> params) {
-  Problem p;
-  if (auto e = MakeProblem(kForward, params, x.dimensions(), kernel.dimensions(),
-                           y->dimensions(), &p);
-      e.failure()) {
-    return e;
+  if (bias == nullptr) {
+    return Run(p, x.untyped_data(), kernel.untyped_data(), y->untyped_data());
   }
-  if (bias.dimensions()[0] != p.o) {
+  if (bias->dimensions()[0] != p.o) {
     return ffi::Error::InvalidArgument("oneDNN convolution: bias size != O");
   }
   p.bias = 1;
   return Run(p, x.untyped_data(), kernel.untyped_data(), y->untyped_data(),
-             bias.untyped_data());
+             bias->untyped_data());
+}
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                   ffi::ResultBuffer<ffi::F32> y,
+                   ffi::Span<const int64_t> params) {
+  return RunForward(x, kernel, nullptr, y, params);
+}
+
+ffi::Error ForwardBias(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                       BiasBuffer bias, ffi::ResultBuffer<ffi::F32> y,
+                       ffi::Span<const int64_t> params) {
+  return RunForward(x, kernel, &bias, y, params);
 }
 
 ffi::Error InputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel,
