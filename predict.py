@@ -3,7 +3,7 @@
     python predict.py --workdir=DIR [--step=N] [--weights=raw|ema] IMAGE...
 
 DIR is a training workdir or a directory written by
-`python -m resnet_jax.convert`: its config.json names the network and the
+`python -m resnet_jax.tools.convert`: its config.json names the network and the
 dataset, whose preprocessing the images get (resnet_jax/predictor.py).
 """
 

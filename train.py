@@ -1,7 +1,7 @@
 """Train or evaluate a ResNet: python train.py --config=configs/X.py --workdir=DIR
 
 Overrides: --config.data.batch_size=512 --config.model.name=resnet50 ...
-(every field: python -m resnet_jax.config). A run stopped by SIGTERM/SIGINT
+(every field: python -m resnet_jax.tools.config). A run stopped by SIGTERM/SIGINT
 or killed resumes with the same command. --config.run.mode=eval evaluates
 the workdir's latest checkpoint (or --config.run.eval_step=N) on every
 evaluation split, with the network and data the workdir's run recorded.
@@ -11,8 +11,10 @@ import sys
 
 from absl import flags, logging
 
-from resnet_jax import cli, config as config_lib, sharding, train_loop
+from resnet_jax import cli, sharding
+from resnet_jax.checkpoint import workdir as workdir_lib
 from resnet_jax.errors import UserError
+from resnet_jax.train import train_loop
 
 _CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string('workdir', None,
@@ -24,7 +26,7 @@ def _config(workdir: str):
   with the command line's --config.* overrides on top."""
   config = cli.config_value(_CONFIG)
   if config.run.mode == 'eval':
-    recorded = config_lib.read(workdir)
+    recorded = workdir_lib.read_config(workdir)
     recorded.update_from_flattened_dict(cli.overrides(_CONFIG))
     return recorded
   return config

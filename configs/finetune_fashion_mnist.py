@@ -1,8 +1,8 @@
 """Fine-tune ImageNet weights from torchvision (ResNet-18) on Fashion-MNIST.
 
-First convert the PyTorch weights (README, "Using PyTorch weights"):
+First convert the PyTorch weights (docs/checkpoints.md, "PyTorch weights"):
 
-  python -m resnet_jax.convert --model=resnet18 --src=resnet18.pth \
+  python -m resnet_jax.tools.convert --model=resnet18 --src=resnet18.pth \
       --dst=workdirs/torchvision_resnet18
 
 then train, pointing `run.init_from` at that directory if it lives elsewhere:
@@ -11,7 +11,7 @@ then train, pointing `run.init_from` at that directory if it lives elsewhere:
       --workdir=workdirs/finetune_fm \
       --config.run.init_from=workdirs/torchvision_resnet18
 
-The warm start (resnet_jax.run_setup.warm_start) loads every layer but the
+The warm start (resnet_jax/checkpoint/init_from.py) loads every layer but the
 1000-class head, which starts fresh with 10 outputs, and sums the RGB stem
 kernel over its input channels for the 1-channel images (exactly what the RGB
 network computes on a gray image replicated to three channels). The first
@@ -49,7 +49,7 @@ def get_config():
   c.optim.warmup_epochs = 0.1
   c.optim.weight_decay = 1e-4
   c.run.num_epochs = 3.0
-  # A directory written by `python -m resnet_jax.convert` (or any workdir of
+  # A directory written by `python -m resnet_jax.tools.convert` (or any workdir of
   # a resnet18 run); DIR:STEP picks a step. Replace with your own path.
   c.run.init_from = 'workdirs/torchvision_resnet18'
   c.run.log_every_steps = 50

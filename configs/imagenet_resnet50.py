@@ -4,8 +4,8 @@ Batch 1024, learning rate 0.1 x batch/256, 5 warmup epochs then cosine, SGD
 Nesterov 0.9, weight decay 1e-4 not on BN parameters and biases, label
 smoothing 0.1, bfloat16 compute, 90 epochs, Inception-style random-resized
 crop + flip for training, resize 256 + centre crop 224 for evaluation
-(streamed through tf.data: ImageNet does not fit in memory; the crops are
-made on the host, so no augmentation on the device).
+(streamed: ImageNet does not fit in memory; the crop and the flip are made
+on the host as the images are decoded).
 """
 
 from resnet_jax import config
@@ -20,7 +20,6 @@ def get_config():
   c.data.image_size = 224
   c.data.batch_size = 1024
   c.data.eval_batch_size = 1024
-  c.data.augment.flip = False
   c.optim.optimizer = 'sgd'
   c.optim.momentum = 0.9
   c.optim.nesterov = True

@@ -47,7 +47,7 @@ def flag_error(e: Exception) -> str:
   typo = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
   if typo:
     return (f'unknown config field {typo.group(2)!r}; did you mean '
-            f'{typo.group(1)!r}? (python -m resnet_jax.config lists every '
+            f'{typo.group(1)!r}? (python -m resnet_jax.tools.config lists every '
             'field)')
   lines = [line.strip(' "') for line in text.splitlines() if line.strip()]
   missing = [line for line in lines if 'No such file' in line]
@@ -55,7 +55,7 @@ def flag_error(e: Exception) -> str:
     return f'config file not found: {missing[0]}'
   if isinstance(e, (KeyError, AttributeError)) and lines:
     return (f'unknown config field {lines[0].strip(chr(39))!r} '
-            '(python -m resnet_jax.config lists every field)')
+            '(python -m resnet_jax.tools.config lists every field)')
   return lines[0] if lines else f'bad command line ({type(e).__name__})'
 
 

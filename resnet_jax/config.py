@@ -6,7 +6,7 @@ A config has four sections, and each consumer reads one of them:
   model  -> `models.from_config`: the keys are `create_model`'s arguments, so
             training, evaluation, predict.py, the summary, the benchmark and
             the converter build the same network from a workdir's config.json.
-  data   -> the dataset (a row of `resnet_jax/datasets.py`), its resolution,
+  data   -> the dataset (a row of `resnet_jax/data/datasets.py`), its resolution,
             the held-out validation split, batch sizes and augmentation.
   optim  -> the optimiser, learning-rate schedule and loss.
   run    -> duration, logging, evaluation, checkpoints, mode, warm start.
@@ -15,13 +15,12 @@ A config has four sections, and each consumer reads one of them:
 sentinel values. The defaults are the default recipe (configs/default.py):
 ResNet-8 on Fashion-MNIST, sized for a 2-core CPU. `configs/*.py` start from
 `base_config()` and change what their recipe needs; on the command line any
-field is `--config.SECTION.FIELD=VALUE`. `python -m resnet_jax.config` lists
+field is `--config.SECTION.FIELD=VALUE`. `python -m resnet_jax.tools.config` lists
 every field with its default and meaning.
 """
 
 import dataclasses
 import json
-import os
 from typing import Any, Callable, Mapping
 
 import ml_collections
@@ -62,28 +61,42 @@ def _unit_interval(closed_right: bool = True) -> dict[str, Any]:
   return dict(check=lambda v: 0 <= v < 1, valid='in [0, 1)', type=float)
 
 
-# Registries the checks consult are imported lazily (models imports flax).
+# The registries the checks consult (models, datasets, the CPU layers) own
+# their names; they are imported when a config is checked, not when this
+# schema is read (they import Flax).
+# pylint: disable=g-import-not-at-top
 def _is_model(name: str) -> bool:
-  from resnet_jax import models  # pylint: disable=g-import-not-at-top
+  from resnet_jax import models
   return name in models.available_models()
 
 
 def _is_dataset(name: str) -> bool:
-  from resnet_jax import datasets  # pylint: disable=g-import-not-at-top
+  from resnet_jax.data import datasets
   return name in datasets.DATASETS
 
 
+def _is_conv_impl(name: str) -> bool:
+  from resnet_jax.cpu import layers
+  return name in layers.CONV_IMPLS
+
+
 def _model_names() -> str:
-  from resnet_jax import models  # pylint: disable=g-import-not-at-top
+  from resnet_jax import models
   return 'a registered model: ' + ', '.join(models.available_models())
 
 
 def _dataset_names() -> str:
-  from resnet_jax import datasets  # pylint: disable=g-import-not-at-top
-  return ('a dataset of resnet_jax/datasets.py: ' + ', '.join(datasets.DATASETS))
+  from resnet_jax.data import datasets
+  return ('a dataset of resnet_jax/data/datasets.py: ' +
+          ', '.join(datasets.DATASETS))
 
 
-_CONV_IMPLS = ('auto', 'xla', 'patches', 'hybrid', 'onednn')  # conv.CONV_IMPLS
+def _conv_impl_names() -> str:
+  from resnet_jax.cpu import layers
+  return 'one of ' + ', '.join(repr(c) for c in layers.CONV_IMPLS)
+# pylint: enable=g-import-not-at-top
+
+
 OPTIMIZERS = ('sgd', 'adamw')
 SCHEDULES = ('constant', 'piecewise', 'cosine')
 MODES = ('train', 'eval')
@@ -106,13 +119,13 @@ SCHEMA: dict[str, dict[str, Field]] = {
         'zero_init_residual': Field(True, 'the last BatchNorm of each block '
                                     'starts at zero (Goyal et al. 2017)', bool),
         'conv_impl': Field('auto', "auto: per-layer fastest on CPU, XLA's on "
-                           'GPU/TPU (see resnet_jax/conv.py)',
-                           **_one_of(*_CONV_IMPLS)),
+                           'GPU/TPU (see resnet_jax/cpu/)', str,
+                           _is_conv_impl, valid='<conv_impls>'),
         'dtype': Field('float32', 'compute dtype; parameters and optimiser '
                        'state stay float32', **_one_of(*DTYPES)),
     },
     'data': {
-        'dataset': Field('fashion_mnist', 'a row of resnet_jax/datasets.py '
+        'dataset': Field('fashion_mnist', 'a row of resnet_jax/data/datasets.py '
                          '(a TFDS name)', str, _is_dataset, valid='<datasets>'),
         'tfds_data_dir': Field(None, 'where TFDS keeps prepared data; unset: '
                                '$TFDS_DATA_DIR or ~/tensorflow_datasets', str,
@@ -314,7 +327,7 @@ def validate(config: Any) -> None:
   if unknown:
     raise UserError(f'unknown config field {unknown[0]!r}; every field is '
                     'declared in resnet_jax/config.py (python -m '
-                    'resnet_jax.config lists them)')
+                    'resnet_jax.tools.config lists them)')
   for path, field in FIELDS.items():
     try:
       value = get(config, path)
@@ -328,7 +341,8 @@ def validate(config: Any) -> None:
     if not _has_type(value, field.type):
       raise _bad(path, value, f'of type {field.type.__name__}')
     if field.check is not None and not field.check(value):
-      valid = {'<models>': _model_names, '<datasets>': _dataset_names}.get(
+      valid = {'<models>': _model_names, '<datasets>': _dataset_names,
+               '<conv_impls>': _conv_impl_names}.get(
           field.valid, lambda: field.valid)()
       raise _bad(path, value, valid)
   _validate_together(config)
@@ -343,7 +357,7 @@ def _has_type(value: Any, kind: type) -> bool:
 
 
 def _validate_together(config: Any) -> None:
-  from resnet_jax import datasets  # pylint: disable=g-import-not-at-top
+  from resnet_jax.data import datasets
   o, d = config.optim, config.data
   if o.schedule == 'piecewise':
     if len(o.lr_boundaries) != len(o.lr_scales):
@@ -354,10 +368,8 @@ def _validate_together(config: Any) -> None:
     raise UserError(f'config fields optim.lr_boundaries/lr_scales are set but '
                     f'optim.schedule={o.schedule!r} does not use them; set '
                     "--config.optim.schedule=piecewise or clear them")
-  if d.batch_size % o.grad_accum_steps:
-    raise UserError(f'config field data.batch_size={d.batch_size} does not '
-                    f'divide into optim.grad_accum_steps={o.grad_accum_steps} '
-                    'equal micro-batches; use a multiple')
+  # That the batches split over the devices and micro-batches is checked
+  # where the devices are known: sharding.check_batch_size.
   if config.run.eval_weights == 'ema' and not o.ema_decay:
     raise UserError("config field run.eval_weights='ema' needs an EMA: set "
                     '--config.optim.ema_decay (e.g. 0.999)')
@@ -370,7 +382,7 @@ def _validate_together(config: Any) -> None:
     raise UserError(f'config field data.image_size must be set for '
                     f'{d.dataset}, whose images vary in size (e.g. '
                     '--config.data.image_size=224)')
-  if (d.pipeline or spec.storage) == 'stream':
+  if datasets.pipeline(d.dataset, d.pipeline) == 'stream':
     if d.validation_examples:
       raise UserError(f'config field data.validation_examples='
                       f'{d.validation_examples}: a held-out split is only '
@@ -381,22 +393,11 @@ def _validate_together(config: Any) -> None:
                f'in [0, {spec.num_train}) for {d.dataset}')
 
 
-# ------------------------------------------------- a workdir's config.json
-
-CONFIG_FILE = 'config.json'
+# ----------------------------------------------------- to and from JSON
 
 
 def to_json(config: Any) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True) + '\n'
-
-
-def write(workdir: str, config: Any) -> None:
-  """Writes `workdir/config.json` atomically."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(to_json(config))
-  os.replace(tmp, path)
 
 
 def from_dict(values: Mapping[str, Any], what: str = 'config'
@@ -428,27 +429,3 @@ def _update(node: Any, values: Mapping[str, Any], prefix: str,
       raise UserError(f'{what} has an unknown field {path!r}: it was written '
                       'by another version of resnet_jax; retrain, or '
                       'reconvert the weights')
-
-
-def read(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir's run was made with (its config.json)."""
-  if not os.path.isdir(workdir):
-    raise UserError(f'workdir {workdir!r} does not exist; give the workdir of '
-                    'a training run or of python -m resnet_jax.convert')
-  path = os.path.join(workdir, CONFIG_FILE)
-  try:
-    with open(path, encoding='utf-8') as f:
-      values = json.load(f)
-  except FileNotFoundError:
-    raise UserError(f'no {CONFIG_FILE} in {workdir!r}; is it a workdir of '
-                    'train.py or of python -m resnet_jax.convert?') from None
-  except (OSError, ValueError) as e:
-    raise UserError(f'cannot read {path!r} ({e}); rerun the training or '
-                    'conversion that wrote it') from None
-  if not isinstance(values, dict):
-    raise UserError(f'{path!r} does not hold a config (a JSON object)')
-  return from_dict(values, path)
-
-
-if __name__ == '__main__':
-  print(describe())

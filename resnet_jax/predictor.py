@@ -1,6 +1,6 @@
 """Class probabilities of image files from a workdir (predict.py's library).
 
-A workdir (of train.py or of `python -m resnet_jax.convert`) holds the
+A workdir (of train.py or of `python -m resnet_jax.tools.convert`) holds the
 network as a value, config.json's `model` section, and the checkpoints; the
 dataset's row in `datasets.py` says how its images were prepared. So an image
 file reaches the model as the run's evaluation data did: images of an
@@ -16,8 +16,11 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from resnet_jax import (checkpointing, config as config_lib, datasets,
-                        input_pipeline, models, preprocess)
+from resnet_jax.checkpoint import workdir as workdir_lib
+
+from resnet_jax.checkpoint import checkpointing
+from resnet_jax import config as config_lib, models
+from resnet_jax.data import datasets, in_memory, preprocess, tfds_io
 from resnet_jax.errors import UserError
 
 _BATCH = 32  # Images per forward pass.
@@ -29,7 +32,7 @@ def restore_variables(workdir: str, step: int | None, weights: str = 'raw'
   the trained ('raw') or the EMA model's ('ema')."""
   if not os.path.isdir(os.path.join(workdir, checkpointing.CHECKPOINT_DIR)):
     raise UserError(f'no checkpoints/ folder in {workdir!r}; train first, or '
-                    'convert weights with python -m resnet_jax.convert')
+                    'convert weights with python -m resnet_jax.tools.convert')
   ckpt = checkpointing.Checkpointer(workdir, read_only=True, async_save=False)
   try:
     if not ckpt.all_steps():
@@ -45,7 +48,7 @@ def class_names(spec: datasets.DatasetSpec, data_dir: str | None
                 ) -> list[str]:
   """Names from the dataset cache, else TFDS's metadata (no data needed; for
   imagenet2012 torchvision's readable names first), else 'class N'."""
-  candidates = [lambda: (input_pipeline.read_cache_info(spec.name, data_dir)
+  candidates = [lambda: (in_memory.read_cache_info(spec.name, data_dir)
                          or {}).get('class_names')]
   if spec.name == 'imagenet2012':
     candidates.append(_torchvision_imagenet_names)
@@ -69,7 +72,6 @@ def _torchvision_imagenet_names() -> list[str] | None:
 def _tfds_names(name: str, data_dir: str | None) -> list[str] | None:
   """Label names TFDS ships with the dataset's code (imagenet2012: synsets)."""
   try:
-    from resnet_jax import tfds_io  # pylint: disable=g-import-not-at-top
     return tfds_io.label_names(tfds_io.builder(name, data_dir))
   except Exception:  # pylint: disable=broad-except  (no TFDS, unknown name)
     return None
@@ -110,8 +112,8 @@ class Predictor:
     """`weights`: 'raw' or 'ema'; unset: the run's `run.eval_weights`."""
     if not workdir:
       raise UserError('--workdir is required: a training workdir or a '
-                      'directory written by python -m resnet_jax.convert')
-    config = config_lib.read(workdir)
+                      'directory written by python -m resnet_jax.tools.convert')
+    config = workdir_lib.read_config(workdir)
     self.spec = datasets.get(config.data.dataset)
     self.image_size = datasets.image_size(self.spec, config.data.image_size)
     self.model = models.from_config(config.model)

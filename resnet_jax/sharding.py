@@ -111,7 +111,8 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 def check_batch_size(batch_size: int, what: str = 'batch_size',
                      micro_batches: int = 1) -> None:
   """A global batch must split evenly over devices and processes (each of
-  its `micro_batches` micro-batches, under gradient accumulation)."""
+  its `micro_batches` micro-batches, under gradient accumulation): the one
+  check of batch divisibility, made before any data is read."""
   devices = jax.device_count()
   unit = devices * micro_batches
   if batch_size <= 0 or batch_size % unit:

@@ -33,7 +33,7 @@ jax.config.update('jax_compilation_cache_dir',
                   os.environ['JAX_COMPILATION_CACHE_DIR'])
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 
-from resnet_jax import datasets, input_pipeline  # noqa: E402
+from resnet_jax.data import datasets, in_memory
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FASHION_MNIST_FILES = ROOT.parent / 'shared' / 'data' / 'fashion_mnist'
@@ -50,13 +50,13 @@ def write_fake_dataset(data_dir: str, name: str, shape=(28, 28, 1),
     labels = rng.integers(0, num_classes, n).astype(np.int32)
     noise = rng.integers(-40, 41, (n,) + shape)
     images = np.clip(patterns[labels] + noise, 0, 255).astype(np.uint8)
-    return input_pipeline.ArrayDataset(images, labels)
+    return in_memory.ArrayDataset(images, labels)
 
   meta = {'name': name, 'tfds_version': 'fake', 'num_classes': num_classes,
           'class_names': [f'class_{i}' for i in range(num_classes)],
           'image_shape': list(shape)}
-  input_pipeline.write_cache(
-      input_pipeline.cache_dir(name, data_dir), meta,
+  in_memory.write_cache(
+      in_memory.cache_dir(name, data_dir), meta,
       {'train': split(num_train), 'test': split(num_test)})
 
 
@@ -78,7 +78,7 @@ def fashion_mnist_data_dir(tmp_path_factory) -> str:
   data_dir = os.environ.get('RESNET_JAX_TEST_DATA_DIR') or str(
       tmp_path_factory.mktemp('tfds'))
   # Reads the cache when it is there, else prepares it with TFDS (~30 s).
-  input_pipeline.load_in_memory(datasets.get('fashion_mnist'),
+  in_memory.load_in_memory(datasets.get('fashion_mnist'),
                                 data_dir=data_dir,
                                 manual_dir=str(FASHION_MNIST_FILES))
   return data_dir
@@ -94,7 +94,7 @@ def write_stream_dataset(data_dir: str, name: str, sizes: dict[str, int],
   Learnable like write_fake_dataset: each class a brightness pattern."""
   import io  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from resnet_jax import records  # pylint: disable=g-import-not-at-top
+  from resnet_jax.data import records
   rng = np.random.default_rng(seed)
   folder = os.path.join(data_dir, name, '1.0.0')
   lengths = {}

@@ -24,9 +24,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
-from resnet_jax import config as config_lib  # noqa: E402
-from resnet_jax import durations  # noqa: E402
-from resnet_jax import models, optim, preprocess, sharding, train_step  # noqa: E402
+from resnet_jax.checkpoint import workdir as workdir_lib
+
+from resnet_jax import config as config_lib
+from resnet_jax import durations
+from resnet_jax import models, sharding
+from resnet_jax.train import optim, train_step
+from resnet_jax.data import preprocess
 
 _STEPS = durations.Steps(total=100, per_epoch=10, warmup=0, log_every=10,
                           eval_every=10, checkpoint_every=10)
@@ -41,7 +45,8 @@ def _one_step(mesh: Mesh, state, batch, hlo: dict | None = None):
                                                         flip=True))
   train_fn, _ = train_step.jit_steps(
       sharding.replicated(mesh), sharding.batch_sharded(mesh),
-      preprocess=prep, eval_preprocess=prep, num_classes=10, steps=_STEPS)
+      train_step.StepOptions(preprocess=prep, eval_preprocess=prep,
+                             num_classes=10, steps=_STEPS))
   state = jax.device_put(state, sharding.replicated(mesh))
   batch = jax.device_put(batch, sharding.batch_sharded(mesh))
   new_state = train_fn(state, batch)
@@ -58,12 +63,12 @@ def sharded_step(conv_impl: str = 'xla', model_name: str = 'cifar_resnet20') -> 
   convolutions with batch chunks of 4 examples (the chunk loops that made
   the partitioner gather the batch before `conv.per_device`)."""
   assert jax.device_count() == 8, jax.devices()
-  from resnet_jax import conv  # pylint: disable=g-import-not-at-top
+  from resnet_jax.cpu import conv
   config = config_lib.base_config()
   impl = {'conv_impl': conv_impl}
   if conv_impl == 'chunked':  # one example's patches: 16*16*36*4 bytes
-    impl = {'conv': functools.partial(conv.PatchConv,
-                                      patch_bytes_limit=4 * 16 * 16 * 36 * 4)}
+    impl = {'layers': models.Layers(conv=functools.partial(
+        conv.PatchConv, patch_bytes_limit=4 * 16 * 16 * 36 * 4))}
   model = models.create_model(model_name, num_classes=10, width=4, **impl)
   schedule = optim.create_schedule(config.optim, _STEPS)
   shape = (1, 16, 16, 3)
@@ -113,9 +118,10 @@ def accumulated_step() -> dict:
     mesh = Mesh(np.array(jax.devices()[:n]), (sharding.DATA_AXIS,))
     train_fn, _ = train_step.jit_steps(
         sharding.replicated(mesh), sharding.batch_sharded(mesh),
-        preprocess=lambda images, key: images,
-        eval_preprocess=lambda images, key: images, num_classes=10,
-        steps=_STEPS, grad_accum_steps=k)
+        train_step.StepOptions(
+            preprocess=lambda images, key: images,
+            eval_preprocess=lambda images, key: images, num_classes=10,
+            steps=_STEPS, grad_accum_steps=k))
     state = jax.device_put(tiny_state(bn=False), sharding.replicated(mesh))
     for batch in tiny_batches(2, size=32):
       state = train_fn(state, jax.device_put(batch,
@@ -131,8 +137,9 @@ def restore_and_compare(workdir: str) -> dict:
   """Restores the latest checkpoint of `workdir` onto all local devices and
   compares every value with the raw arrays on disk."""
   from flax import serialization  # pylint: disable=g-import-not-at-top
-  from resnet_jax import checkpointing, run_setup  # pylint: disable=g-import-not-at-top
-  run = run_setup.build(config_lib.read(workdir))
+  from resnet_jax.checkpoint import checkpointing
+  from resnet_jax.train import run_setup
+  run = run_setup.build(workdir_lib.read_config(workdir))
   ckpt = checkpointing.Checkpointer(workdir, read_only=True, async_save=False)
   state, meta = ckpt.restore(run_setup.init_state(run), run.replicated)
   restored = serialization.to_state_dict(state)
@@ -148,7 +155,7 @@ def restore_and_compare(workdir: str) -> dict:
 
 def train_tiny(workdir: str, data_dir: str) -> dict:
   """The tiny run of test_checkpoints, on every (simulated) device."""
-  from resnet_jax import train_loop  # pylint: disable=g-import-not-at-top
+  from resnet_jax.train import train_loop
   from test_training import tiny_config  # pylint: disable=g-import-not-at-top
   config = tiny_config('default', data_dir, **{
       'model.width': 4, 'data.batch_size': 32, 'run.num_train_steps': 8,
@@ -163,7 +170,7 @@ def stream_batches(data_dir: str) -> dict:
   decoding its slice (JAX_NUM_PROCESSES etc. make it one of several)."""
   import hashlib  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  from resnet_jax import device_data  # pylint: disable=g-import-not-at-top
+  from resnet_jax.data import device_data
   sharding.initialize_distributed()
   config = config_lib.base_config()
   config.data.update(dict(tfds_data_dir=data_dir, pipeline='stream',

@@ -153,7 +153,7 @@ def test_bad_input_gets_one_clear_line(outcomes, name, flags, words, env):
 
 
 def test_image_size_limit_admits_the_textbook_model_at_28():
-  from resnet_jax import models  # pylint: disable=g-import-not-at-top
+  from resnet_jax import models
   d2l = models.create_model('d2l_resnet18')
   models.check_image_size(d2l, 28)  # maps 14, 7, 4, 2, 1: valid
   models.check_image_size(d2l, 17)

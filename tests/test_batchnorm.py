@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import batchnorm, models
+from resnet_jax.cpu import batchnorm
+from resnet_jax import models
 
 
 def _rel(a, b) -> float:
@@ -78,7 +79,8 @@ def test_bfloat16_takes_flax_path():
 
 
 def test_cpu_paths_use_it_and_xla_keeps_flax_batchnorm():
-  assert models.create_model('cifar_resnet20', conv_impl='xla').norm_cls is nn.BatchNorm
+  assert models.create_model('cifar_resnet20',
+                             conv_impl='xla').layers.norm is nn.BatchNorm
   if jax.default_backend() == 'cpu':
-    assert (models.create_model('cifar_resnet20', conv_impl='auto').norm_cls
+    assert (models.create_model('cifar_resnet20', conv_impl='auto').layers.norm
             is batchnorm.BatchNorm)

@@ -9,9 +9,11 @@ import subprocess
 import sys
 import types
 
+import jax
 import pytest
 
-from resnet_jax import benchmark, config as config_lib
+from resnet_jax.tools import benchmark, peak_flops
+from resnet_jax import config as config_lib
 from resnet_jax.errors import UserError
 from test_training import _env as training_env
 
@@ -44,7 +46,7 @@ def _env(devices: int | None = None) -> dict:
 
 def _cli(*args: str, devices: int | None = None
          ) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, '-m', 'resnet_jax.benchmark', *args],
+  return subprocess.run([sys.executable, '-m', 'resnet_jax.tools.benchmark', *args],
                         capture_output=True, text=True, env=_env(devices),
                         cwd=ROOT, timeout=600, check=False)
 
@@ -131,7 +133,7 @@ def test_cli_on_8_devices_with_the_in_memory_pipeline(sharded, single):
       'cifar_resnet20', 4, 'xla')
   assert model['zero_init_residual'] is False  # from d2l_fashion_mnist.py
   assert '--config.data.batch_size=16' in sharded['command']
-  assert sharded['command'].startswith('python -m resnet_jax.benchmark')
+  assert sharded['command'].startswith('python -m resnet_jax.tools.benchmark')
   _check_step(sharded['train'], 16, sharded['peak_flops_per_s'])
   _check_step(sharded['eval'], 16, sharded['peak_flops_per_s'])
   # The count is of the global step (all devices), so twice the batch
@@ -202,18 +204,18 @@ def test_synthetic_input_is_the_datasets_image_shape(dataset, image_size,
 def test_peak_table_and_cpu_derivation():
   h100 = types.SimpleNamespace(platform='gpu',
                                device_kind='NVIDIA H100 80GB HBM3')
-  peak, source = benchmark.peak_flops(h100, 'bfloat16')
-  assert peak == pytest.approx(989e12 * benchmark.jax.device_count())
+  peak, source = peak_flops.peak_flops(h100, 'bfloat16')
+  assert peak == pytest.approx(989e12 * jax.device_count())
   assert 'H100' in source
   v5e = types.SimpleNamespace(platform='tpu', device_kind='TPU v5 lite')
-  assert benchmark.peak_flops(v5e, 'bfloat16')[0] == pytest.approx(
-      197e12 * benchmark.jax.device_count())
-  assert benchmark.peak_flops(types.SimpleNamespace(
+  assert peak_flops.peak_flops(v5e, 'bfloat16')[0] == pytest.approx(
+      197e12 * jax.device_count())
+  assert peak_flops.peak_flops(types.SimpleNamespace(
       platform='gpu', device_kind='Mystery'), 'float32')[0] is None
   zen = {'flags': {'avx', 'avx2', 'fma', 'avx512f'}, 'vendor': 'AuthenticAMD',
          'family': 25}
-  assert benchmark._fp32_flops_per_cycle(zen)[0] == 32  # pylint: disable=protected-access
-  peak, source = benchmark.cpu_peak_flops()
+  assert peak_flops._fp32_flops_per_cycle(zen)[0] == 32  # pylint: disable=protected-access
+  peak, source = peak_flops.cpu_peak_flops()
   if peak is not None:
     cores = len(os.sched_getaffinity(0))
     assert f'{cores} cores' in source and peak > cores * 1e9
@@ -223,7 +225,7 @@ def test_peak_table_and_cpu_derivation():
 
 def test_flops_are_the_models_even_inside_the_patch_chunk_loops(tmp_path):
   # At batch 64, 32x32 and width 8 a 3x3 layer's patches (19 MB) exceed
-  # conv.PATCH_BYTES_LIMIT, so 'patches' computes them in chunk loops, whose
+  # passes.PATCH_BYTES_LIMIT, so 'patches' computes them in chunk loops, whose
   # bodies XLA's cost analysis of the compiled step counts once: the tool
   # must still report the model's arithmetic: 0.01894 GFLOP per image
   # forward for ResNet-20 at width 8 on Fashion-MNIST's 28x28x1 resized to

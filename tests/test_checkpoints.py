@@ -18,7 +18,8 @@ import time
 import numpy as np
 import pytest
 
-from resnet_jax import checkpointing, train_loop
+from resnet_jax.checkpoint import checkpointing
+from resnet_jax.train import train_loop
 from resnet_jax.errors import UserError
 from test_training import ROOT, _env, run_check, tiny_config
 
@@ -224,7 +225,7 @@ def _trigger(attempt: _Attempt, kind: str, rng: random.Random) -> float:
 
 def _scalars(logdir) -> dict[str, list[tuple[int, float]]]:
   """tag -> [(step, value)] of every event file of `logdir`, in file order."""
-  from resnet_jax import tensorboard_files  # pylint: disable=g-import-not-at-top
+  from resnet_jax.train import tensorboard_files
   from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
   series = {}
   for path in tensorboard_files.event_files(str(logdir)):
@@ -439,7 +440,7 @@ def test_restoring_into_another_architecture_names_the_parameter(trained):
                      r'for model.width=8'):
     train_loop.evaluate_checkpoint(config, str(workdir))
   # ... and a checkpoint restored into another network names the parameter.
-  from resnet_jax import run_setup  # pylint: disable=g-import-not-at-top
+  from resnet_jax.train import run_setup
   run = run_setup.build(config)
   ckpt = checkpointing.Checkpointer(str(workdir), read_only=True,
                                     async_save=False)

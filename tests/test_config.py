@@ -10,8 +10,11 @@ import sys
 import ml_collections
 import pytest
 
+from resnet_jax.checkpoint import workdir as workdir_lib
+
 from resnet_jax import config as config_lib
-from resnet_jax import durations, models, optim
+from resnet_jax import durations, models
+from resnet_jax.train import optim
 from resnet_jax.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -47,7 +50,7 @@ def test_every_field_has_a_meaning_and_the_listing_shows_it():
   for path, field in config_lib.FIELDS.items():
     assert field.meaning, path
     assert field.optional == (field.default is None), path
-  out = subprocess.run([sys.executable, '-m', 'resnet_jax.config'],
+  out = subprocess.run([sys.executable, '-m', 'resnet_jax.tools.config'],
                        capture_output=True, text=True, cwd=ROOT, timeout=120,
                        check=True).stdout
   assert len(out.splitlines()) == len(config_lib.FIELDS)
@@ -89,8 +92,8 @@ def test_config_json_round_trip(tmp_path):
   c.optim.schedule = 'piecewise'
   c.optim.lr_boundaries = (10, 20)
   c.optim.lr_scales = (0.1, 0.1)
-  config_lib.write(str(tmp_path), c)
-  back = config_lib.read(str(tmp_path))
+  workdir_lib.write_config(str(tmp_path), c)
+  back = workdir_lib.read_config(str(tmp_path))
   assert back.to_dict() == c.to_dict()
   assert back.model.stage_sizes == (2, 1, 1)  # a tuple again, not a list
   # Placeholders stay typed: the record can be overridden like a recipe.
@@ -102,11 +105,11 @@ def test_a_record_of_another_layout_is_refused_by_name(tmp_path):
   (tmp_path / 'config.json').write_text(json.dumps(
       {'model': 'resnet18', 'dataset': 'imagenet2012', 'width': 0}))
   with pytest.raises(UserError, match='another version of resnet_jax'):
-    config_lib.read(str(tmp_path))
+    workdir_lib.read_config(str(tmp_path))
   with pytest.raises(UserError, match='does not exist'):
-    config_lib.read(str(tmp_path / 'nope'))
+    workdir_lib.read_config(str(tmp_path / 'nope'))
   with pytest.raises(UserError, match='no config.json'):
-    config_lib.read(str(tmp_path.parent))
+    workdir_lib.read_config(str(tmp_path.parent))
 
 
 # ----------------------------------------------------------------- durations

@@ -12,7 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_jax import conv, native, onednn
+from resnet_jax.cpu import conv, native, onednn
+from resnet_jax.cpu import layers as cpu_layers
+from resnet_jax.cpu import passes
 from resnet_jax.errors import UserError
 
 STRIDES = (1, 2)
@@ -20,7 +22,7 @@ PADDINGS = ('SAME', 1, ((2, 1), (0, 3)), 'VALID')
 
 
 def _pair_of_convs(impl: str, **kwargs) -> tuple[nn.Module, nn.Module]:
-  return nn.Conv(**kwargs), conv.get_conv(impl)(**kwargs)
+  return nn.Conv(**kwargs), cpu_layers.get_conv(impl)(**kwargs)
 
 
 def _rel_err(a, b) -> float:
@@ -148,11 +150,11 @@ def _require_onednn():
 
 def test_auto_chooses_per_layer_on_cpu_and_xla_is_flax_conv():
   assert jax.default_backend() == 'cpu'
-  assert conv.resolve_conv_impl('auto') == 'per_layer'
-  assert conv.get_conv('auto') is conv.AutoConv
+  assert cpu_layers.resolve_conv_impl('auto') == 'per_layer'
+  assert cpu_layers.get_conv('auto') is conv.AutoConv
   assert issubclass(conv.AutoConv, nn.Conv) and conv.AutoConv.plan is None
-  assert conv.get_conv('xla') is nn.Conv
-  assert set(conv.CONV_IMPLS) >= {'auto', 'xla', 'patches', 'hybrid', 'onednn'}
+  assert cpu_layers.get_conv('xla') is nn.Conv
+  assert set(cpu_layers.CONV_IMPLS) >= {'auto', 'xla', 'patches', 'hybrid', 'onednn'}
 
 
 def test_auto_plan_with_onednn_follows_the_measured_rule():
@@ -197,7 +199,7 @@ def test_auto_plan_follows_the_measured_rule():
 def test_a_whole_model_under_auto_has_flax_parameters_and_outputs():
   # The textbook ResNet-18 at 28x28 mixes every plan: XLA's forward on the 14x14 stem,
   # matmuls for the 1x1 shortcuts and the 1x1..2x2 maps of the last stages.
-  from resnet_jax import models  # pylint: disable=g-import-not-at-top
+  from resnet_jax import models
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 28, 28, 1))
   plain = models.create_model('d2l_resnet18', width=16)
   auto = models.create_model('d2l_resnet18', conv_impl='auto', width=16)
@@ -210,11 +212,11 @@ def test_a_whole_model_under_auto_has_flax_parameters_and_outputs():
 
 
 def test_batch_chunks_divide_the_batch_and_bound_the_bytes():
-  assert conv.batch_chunks(256, 1 << 20, limit=128 << 20) == 2
-  assert conv.batch_chunks(256, 1 << 20, limit=96 << 20) == 4  # 64 <= 96
-  assert conv.batch_chunks(6, 10, limit=25) == 3
-  assert conv.batch_chunks(7, 10, limit=25) == 7  # prime: one at a time
-  assert conv.batch_chunks(4, 10, limit=1000) == 1
+  assert passes.batch_chunks(256, 1 << 20, limit=128 << 20) == 2
+  assert passes.batch_chunks(256, 1 << 20, limit=96 << 20) == 4  # 64 <= 96
+  assert passes.batch_chunks(6, 10, limit=25) == 3
+  assert passes.batch_chunks(7, 10, limit=25) == 7  # prime: one at a time
+  assert passes.batch_chunks(4, 10, limit=1000) == 1
 
 
 @pytest.mark.parametrize('plan', [conv.PATCHES_PLAN, ('xla', 'col2im', 'patches')])
@@ -238,7 +240,7 @@ def test_chunked_patches_match_flax_conv_values_and_gradients(plan):
 
 def test_unknown_impl_is_a_user_error_naming_the_choices():
   with pytest.raises(UserError, match='auto, xla, patches, hybrid'):
-    conv.get_conv('winograd')
+    cpu_layers.get_conv('winograd')
 
 
 def test_unsupported_padding_mode_is_a_user_error():
@@ -271,7 +273,7 @@ def test_one_sgd_step_of_a_small_resnet_is_the_same_as_with_flax_conv(impl):
 
   @functools.partial(jax.jit, static_argnums=0)
   def step(impl):
-    model = _TinyResNet(conv.get_conv(impl))
+    model = _TinyResNet(cpu_layers.get_conv(impl))
 
     def loss_fn(params):
       logits, updates = model.apply({**init, 'params': params}, x, mutable=['batch_stats'])

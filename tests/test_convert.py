@@ -18,7 +18,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from resnet_jax import checkpointing, config as config_lib, convert, models
+from resnet_jax.checkpoint import workdir as workdir_lib
+
+from resnet_jax.checkpoint import checkpointing, faults
+from resnet_jax import config as config_lib, models
+from resnet_jax.tools import convert
+from resnet_jax.models import torchvision_weights, weights
 from resnet_jax.errors import UserError
 from resnet_jax.models import create_model
 
@@ -48,7 +53,7 @@ def _random_torchvision(torch, name: str):
 
 @pytest.mark.parametrize('name', [
     pytest.param(n, marks=pytest.mark.slow) if n in _SLOW else n
-    for n in convert.TORCHVISION_MODELS])
+    for n in torchvision_weights.TORCHVISION_MODELS])
 def test_logits_equal_torchvision(name):
   torch = pytest.importorskip('torch')
   pytest.importorskip('torchvision')
@@ -57,7 +62,7 @@ def test_logits_equal_torchvision(name):
   with torch.no_grad():
     expected = torch_model(x).numpy()
 
-  variables = convert.from_torchvision(torch_model.state_dict(), name)
+  variables = torchvision_weights.from_torchvision(torch_model.state_dict(), name)
   model = create_model(name)
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False,
                                            mutable=['intermediates']))
@@ -77,8 +82,8 @@ def test_logits_equal_torchvision(name):
 
 
 def _cli(*args, code=None):
-  """`python -m resnet_jax.convert ARGS` (or `python -c CODE ARGS`)."""
-  command = ['-c', code] if code else ['-m', 'resnet_jax.convert']
+  """`python -m resnet_jax.tools.convert ARGS` (or `python -c CODE ARGS`)."""
+  command = ['-c', code] if code else ['-m', 'resnet_jax.tools.convert']
   return subprocess.run([sys.executable, *command, *args], capture_output=True,
                         text=True, cwd=_REPO, timeout=300, check=False)
 
@@ -94,7 +99,7 @@ def test_pth_checkpoint_through_cli(tmp_path):
                 f'--dst={dst}')
   assert result.returncode == 0, result.stderr[-2000:]
   assert 'wrote resnet18 (1000 classes)' in result.stdout
-  _assert_restores_to(dst, convert.from_torchvision(state, 'resnet18'), src)
+  _assert_restores_to(dst, torchvision_weights.from_torchvision(state, 'resnet18'), src)
 
 
 def _torchvision_resnet18_state(num_classes: int = 1000,
@@ -131,7 +136,7 @@ def _torchvision_resnet18_state(num_classes: int = 1000,
 
 def test_numpy_state_dict_layouts():
   state = _torchvision_resnet18_state(num_classes=7)
-  variables = convert.from_torchvision(state, 'resnet18')
+  variables = torchvision_weights.from_torchvision(state, 'resnet18')
   params, stats = variables['params'], variables['batch_stats']
   np.testing.assert_array_equal(params['layer2_0']['conv1']['kernel'],
                                 state['layer2.0.conv1.weight'].transpose(2, 3, 1, 0))
@@ -160,12 +165,12 @@ def test_numpy_state_dict_needs_no_torch(tmp_path):
   code = (
       'import runpy, sys; sys.modules["torch"] = None\n'
       'import numpy as np\n'
-      'from resnet_jax import convert\n'
+      'from resnet_jax import from_torchvision\n'
       f'sd = dict(np.load({src!r}))\n'
-      'v = convert.from_torchvision(sd, "resnet18")\n'
+      'v = from_torchvision(sd, "resnet18")\n'
       'assert v["params"]["fc"]["kernel"].shape == (512, 1000)\n'
       'sys.argv[0] = "convert"\n'
-      'runpy.run_module("resnet_jax.convert", run_name="__main__")\n')
+      'runpy.run_module("resnet_jax.tools.convert", run_name="__main__")\n')
   result = _cli('--model=resnet18', f'--src={src}',
                 f'--dst={tmp_path / "out"}', code=code)
   assert result.returncode == 0, result.stderr[-2000:]
@@ -186,7 +191,7 @@ def test_state_dict_that_does_not_fit_is_named(edit, fragments):
   state = _torchvision_resnet18_state()
   edit(state)
   with pytest.raises(UserError) as info:
-    convert.from_torchvision(state, 'resnet18')
+    torchvision_weights.from_torchvision(state, 'resnet18')
   message = str(info.value)
   assert '\n' not in message
   for fragment in fragments:
@@ -196,13 +201,13 @@ def test_state_dict_that_does_not_fit_is_named(edit, fragments):
 def test_head_size_mismatch_names_fc():
   with pytest.raises(UserError, match=r"'fc.weight' has shape \(1000, 512\) "
                      r'but resnet18 expects \(10, 512\)'):
-    convert.from_torchvision(_torchvision_resnet18_state(), 'resnet18',
+    torchvision_weights.from_torchvision(_torchvision_resnet18_state(), 'resnet18',
                              num_classes=10)
 
 
 def test_model_without_torchvision_counterpart():
   with pytest.raises(UserError, match='no torchvision counterpart'):
-    convert.from_torchvision(_torchvision_resnet18_state(), 'cifar_resnet20')
+    torchvision_weights.from_torchvision(_torchvision_resnet18_state(), 'cifar_resnet20')
 
 
 def _assert_restores_to(dst, variables, src) -> None:
@@ -212,7 +217,7 @@ def _assert_restores_to(dst, variables, src) -> None:
   with open(dst / 'config.json') as f:
     written = json.load(f)
   assert written == json.loads(json.dumps(expected.to_dict()))
-  config = config_lib.read(str(dst))  # validates it
+  config = workdir_lib.read_config(str(dst))  # validates it
   assert config.to_dict() == expected.to_dict()
   assert config.model.name == 'resnet18'
   assert config.model.num_classes == num_classes
@@ -230,9 +235,11 @@ def _assert_restores_to(dst, variables, src) -> None:
     restored = manager.restore(0, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
   jax.tree.map(np.testing.assert_array_equal, restored['state'], variables)
-  assert restored['meta'] == {'step': 0, 'metrics': {},
-                              'source': 'torchvision',
-                              'src': os.path.abspath(src)}
+  meta = dict(restored['meta'])
+  # Checksums of every array, as a training checkpoint has: damage is found.
+  assert faults.mismatch(restored['state'], meta.pop('fingerprint')) is None
+  assert meta == {'step': 0, 'metrics': {}, 'source': 'torchvision',
+                  'src': os.path.abspath(src)}
   # ... and the checkpointer of warm starts and predict.py reads it.
   ckpt = checkpointing.Checkpointer(str(dst), read_only=True, async_save=False)
   loaded, meta = ckpt.restore_variables()
@@ -270,7 +277,7 @@ def test_cli_writes_checkpoint_that_restores(tmp_path):
   result = _cli('--from=torchvision', '--model=resnet18', f'--src={src}',
                 f'--dst={dst}', '--num_classes=5')
   assert result.returncode == 0, result.stderr[-2000:]
-  _assert_restores_to(dst, convert.from_torchvision(state, 'resnet18'), src)
+  _assert_restores_to(dst, torchvision_weights.from_torchvision(state, 'resnet18'), src)
   # Converting again into the same directory is refused, not overwritten.
   again = _cli('--model=resnet18', f'--src={src}', f'--dst={dst}')
   _assert_one_line_error(again, 'already exists')
@@ -310,7 +317,7 @@ def _small_model_variables(num_classes: int = 10):
 
 def test_grayscale_model_equals_rgb_model_on_replicated_image():
   model, rgb = _small_model_variables()
-  gray = convert.adapt_input_channels(rgb, in_channels=1)
+  gray = weights.adapt_input_channels(rgb, in_channels=1)
   assert gray['params']['stem']['conv1']['kernel'].shape == (7, 7, 1, 8)
   assert rgb['params']['stem']['conv1']['kernel'].shape == (7, 7, 3, 8)  # Pure.
   image = jax.random.uniform(jax.random.key(1), (2, 32, 32, 1))
@@ -323,7 +330,7 @@ def test_grayscale_model_equals_rgb_model_on_replicated_image():
 def test_adapt_to_six_channels_equals_rgb_model_on_doubled_image():
   # Tiled and rescaled by 3/6: an RGB image given twice gives the RGB output.
   model, rgb = _small_model_variables()
-  six = convert.adapt_input_channels(rgb, in_channels=6)
+  six = weights.adapt_input_channels(rgb, in_channels=6)
   assert six['params']['stem']['conv1']['kernel'].shape == (7, 7, 6, 8)
   image = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
@@ -333,7 +340,7 @@ def test_adapt_to_six_channels_equals_rgb_model_on_doubled_image():
 
 def test_replace_head():
   _, variables = _small_model_variables(num_classes=1000)
-  new = convert.replace_head(variables, 10, jax.random.key(3))
+  new = weights.replace_head(variables, 10, jax.random.key(3))
   assert new['params']['fc']['kernel'].shape == (64, 10)
   assert new['params']['fc']['bias'].shape == (10,)
   assert np.std(new['params']['fc']['kernel']) > 0

@@ -18,9 +18,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnet_jax import (benchmark, config as config_lib, datasets,
-                        device_data, input_pipeline, predictor, summary,
-                        train_loop)
+from resnet_jax.checkpoint import workdir as workdir_lib
+
+from resnet_jax.tools import benchmark, summary
+from resnet_jax import predictor
+from resnet_jax.data import datasets, device_data, in_memory
+from resnet_jax.train import train_loop
 from test_training import ROOT, _blocked_tensorflow, _env
 
 CONFIGS = sorted(p.stem for p in (ROOT / 'configs').glob('*.py')
@@ -59,20 +62,21 @@ def _synthetic_imagenet(config, mesh):
   rng = np.random.default_rng(0)
 
   def split(n):
-    return input_pipeline.ArrayDataset(
+    return in_memory.ArrayDataset(
         rng.integers(0, 256, (n, size, size, 3), np.uint8),
         rng.integers(0, spec.num_classes, n).astype(np.int32))
 
-  splits = input_pipeline.InMemorySplits(split(32), {'val': split(20)}, ())
+  splits = in_memory.InMemorySplits(split(32), {'val': split(20)}, ())
   return device_data.InMemoryData(spec, mesh, splits, config.data.batch_size,
                                   config.data.eval_batch_size, config.run.seed)
 
 
 @pytest.fixture(scope='module')
 def converted_resnet18(tmp_path_factory) -> str:
-  """A `python -m resnet_jax.convert` directory (random weights), for the
+  """A `python -m resnet_jax.tools.convert` directory (random weights), for the
   fine-tuning recipe's warm start."""
-  from resnet_jax import convert, models  # pylint: disable=g-import-not-at-top
+  from resnet_jax.tools import convert
+  from resnet_jax import models
   model = models.create_model('resnet18', num_classes=1000)
   shapes = jax.eval_shape(lambda: model.init(
       jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False))
@@ -116,7 +120,7 @@ def test_every_command_on_a_recipes_workdir(name, fake_data_dir,
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '3']
 
   # 2. Evaluate the workdir as recorded (the record, not the recipe).
-  recorded = config_lib.read(workdir)
+  recorded = workdir_lib.read_config(workdir)
   recorded.run.mode = 'eval'
   evaluated = train_loop.evaluate_checkpoint(recorded, workdir)
   assert evaluated['step'] == 3
@@ -206,8 +210,8 @@ def test_every_command_on_the_default_recipes_workdir(fashion_mnist_data_dir,
       'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
       'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
 
-  out = _cli('-m', 'resnet_jax.summary', f'--workdir={workdir}')
+  out = _cli('-m', 'resnet_jax.tools.summary', f'--workdir={workdir}')
   assert 'parameters: 75,002' in out.stdout and 'stage3' in out.stdout
 
-  out = _cli('-m', 'resnet_jax.benchmark', '--steps=2', '--warmup=1')
+  out = _cli('-m', 'resnet_jax.tools.benchmark', '--steps=2', '--warmup=1')
   assert 'cifar_resnet8' in out.stdout and 'images/s' in out.stdout

@@ -15,8 +15,10 @@ import time
 import numpy as np
 import pytest
 
-from resnet_jax import (checkpointing, metric_writers, run_setup,
-                        tensorboard_files, train_loop, workdir_lock)
+from resnet_jax.checkpoint import checkpointing
+from resnet_jax.checkpoint import workdir as workdir_lib
+from resnet_jax.train import (metric_writers, run_setup, tensorboard_files,
+                              train_loop)
 from resnet_jax.errors import UserError
 from test_checkpoints import _final_state, _leaves, _scalars
 from test_training import _env, tiny_config
@@ -38,7 +40,7 @@ def _snapshot(workdir) -> dict[str, tuple[int, str]]:
   """Every file under `workdir` but the lock: mtime and content hash."""
   files = {}
   for f in sorted(pathlib.Path(workdir).rglob('*')):
-    if f.is_file() and f.name != workdir_lock.LOCK_FILE:
+    if f.is_file() and f.name != workdir_lib.LOCK_FILE:
       files[str(f.relative_to(workdir))] = (
           f.stat().st_mtime_ns, hashlib.sha256(f.read_bytes()).hexdigest())
   return files
@@ -71,26 +73,26 @@ def test_a_finished_run_prints_its_result_and_writes_nothing(
 
 
 def test_the_workdir_lock_names_its_holder_and_dies_with_it(tmp_path):
-  lock = workdir_lock.WorkdirLock(str(tmp_path))
+  lock = workdir_lib.WorkdirLock(str(tmp_path))
   lock.acquire()
   # flock conflicts between open files, even within one process.
   with pytest.raises(UserError, match=rf'in use by another training run '
                      rf'\(process {os.getpid()} on '):
-    workdir_lock.WorkdirLock(str(tmp_path)).acquire()
+    workdir_lib.WorkdirLock(str(tmp_path)).acquire()
   lock.release()
   # A holder killed with SIGKILL leaves the file, not the lock.
   holder = subprocess.Popen(
-      [sys.executable, '-c', 'import sys, time; from resnet_jax import '
-       'workdir_lock; workdir_lock.WorkdirLock(sys.argv[1]).acquire(); '
+      [sys.executable, '-c', 'import sys, time; from resnet_jax.checkpoint '
+       'import workdir; workdir.WorkdirLock(sys.argv[1]).acquire(); '
        'print("locked", flush=True); time.sleep(600)', str(tmp_path)],
       env=_env(), stdout=subprocess.PIPE, text=True)
   assert holder.stdout.readline().strip() == 'locked'
   with pytest.raises(UserError, match=f'process {holder.pid} '):
-    workdir_lock.WorkdirLock(str(tmp_path)).acquire()
+    workdir_lib.WorkdirLock(str(tmp_path)).acquire()
   holder.kill()
   holder.wait()
-  assert (tmp_path / workdir_lock.LOCK_FILE).exists()
-  workdir_lock.WorkdirLock(str(tmp_path)).acquire()
+  assert (tmp_path / workdir_lib.LOCK_FILE).exists()
+  workdir_lib.WorkdirLock(str(tmp_path)).acquire()
 
 
 def _array_file(step_dir: pathlib.Path) -> pathlib.Path:

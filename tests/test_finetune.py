@@ -1,14 +1,16 @@
 """configs/finetune_fashion_mnist.py: a run warm-started from converted
 torchvision weights keeps them, with a gray stem and a fresh 10-class head."""
 
-import types
 
 import jax
 import numpy as np
 import pytest
 
-from resnet_jax import (checkpointing, config as config_lib, convert, models,
-                        run_setup, train_loop)
+from resnet_jax.checkpoint import checkpointing, init_from
+from resnet_jax import config as config_lib, models
+from resnet_jax.tools import convert
+from resnet_jax.models import torchvision_weights
+from resnet_jax.train import run_setup, train_loop
 from resnet_jax.errors import UserError
 
 torch = pytest.importorskip('torch')
@@ -46,8 +48,8 @@ def _random_resnet18_state_dict() -> dict:
 
 @pytest.fixture(scope='module')
 def converted(tmp_path_factory):
-  """A `python -m resnet_jax.convert` directory and its variables."""
-  variables = convert.from_torchvision(_random_resnet18_state_dict(),
+  """A `python -m resnet_jax.tools.convert` directory and its variables."""
+  variables = torchvision_weights.from_torchvision(_random_resnet18_state_dict(),
                                        'resnet18')
   path = str(tmp_path_factory.mktemp('torchvision_resnet18'))
   convert.write_converted(path, variables, 'resnet18', 1000, 'random.pth')
@@ -63,7 +65,7 @@ def test_recipe_defaults():
   config = _finetune_config()
   config_lib.validate(config)
   m = config.model
-  assert m.name in convert.TORCHVISION_MODELS
+  assert m.name in torchvision_weights.TORCHVISION_MODELS
   # The converted weights' own width and depth...
   assert m.width is None and m.stage_sizes is None
   # ... which the recipe's network has: the converted directory's config
@@ -121,7 +123,7 @@ def test_run_starts_from_converted_weights(converted, fake_data_dir, tmp_path):
 
 
 def test_placeholder_init_from_says_how_to_convert():
-  run = types.SimpleNamespace(config=_finetune_config(
-      **{'run.init_from': '/nonexistent/torchvision_resnet18'}))
-  with pytest.raises(UserError, match='python -m resnet_jax.convert'):
-    run_setup.warm_start(run, None)
+  config = _finetune_config(
+      **{'run.init_from': '/nonexistent/torchvision_resnet18'})
+  with pytest.raises(UserError, match='python -m resnet_jax.tools.convert'):
+    init_from.load(config.run.init_from, {})

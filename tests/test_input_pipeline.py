@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from absl import flags as absl_flags
 
-from resnet_jax import datasets, input_pipeline as ip, tfds_io
+from resnet_jax.data import datasets, in_memory as ip, order, tfds_io
+from resnet_jax.tools import prepare_data
 from resnet_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,44 +34,44 @@ needs_fashion = pytest.mark.skipif(
 
 
 def test_epoch_permutation_is_pure_function_of_seed_and_epoch():
-  a = ip.epoch_permutation(1000, seed=3, epoch=2)
-  np.testing.assert_array_equal(a, ip.epoch_permutation(1000, 3, 2))
+  a = order.epoch_permutation(1000, seed=3, epoch=2)
+  np.testing.assert_array_equal(a, order.epoch_permutation(1000, 3, 2))
   np.testing.assert_array_equal(np.sort(a), np.arange(1000))
-  assert not np.array_equal(a, ip.epoch_permutation(1000, 3, 3))
-  assert not np.array_equal(a, ip.epoch_permutation(1000, 4, 2))
+  assert not np.array_equal(a, order.epoch_permutation(1000, 3, 3))
+  assert not np.array_equal(a, order.epoch_permutation(1000, 4, 2))
   assert not np.array_equal(a, np.arange(1000))
 
 
 def test_train_batch_indices_cover_an_epoch_without_repeats():
-  batches = ip.train_batch_indices(1000, 64, seed=0, epoch=5)
+  batches = order.train_batch_indices(1000, 64, seed=0, epoch=5)
   assert batches.shape == (15, 64)  # 1000 // 64, incomplete batch dropped
   assert len(np.unique(batches)) == 15 * 64
   assert batches.max() < 1000
   # The dropped examples differ between epochs.
-  other = ip.train_batch_indices(1000, 64, seed=0, epoch=6)
+  other = order.train_batch_indices(1000, 64, seed=0, epoch=6)
   assert set(batches.ravel()) != set(other.ravel())
   with pytest.raises(UserError, match='batch_size'):
-    ip.train_batch_indices(10, 64, seed=0, epoch=0)
+    order.train_batch_indices(10, 64, seed=0, epoch=0)
 
 
 def test_resume_mid_epoch_gives_the_same_remaining_batches():
   n, bs, seed = 500, 32, 7  # 15 steps per epoch
-  full = [b for _, b in zip(range(40), ip.train_index_stream(n, bs, seed))]
+  full = [b for _, b in zip(range(40), order.train_index_stream(n, bs, seed))]
   assert all(b.shape == (bs,) for b in full)
   for start in (0, 9, 15, 22):
-    resumed = [b for _, b in zip(range(40 - start), ip.train_index_stream(
+    resumed = [b for _, b in zip(range(40 - start), order.train_index_stream(
         n, bs, seed, start_step=start))]
     np.testing.assert_array_equal(np.stack(resumed), np.stack(full[start:]))
   # Equivalent with train_batch_indices at (epoch, offset).
   epoch, offset = divmod(22, 15)
   np.testing.assert_array_equal(
-      ip.train_batch_indices(n, bs, seed, epoch)[offset:],
+      order.train_batch_indices(n, bs, seed, epoch)[offset:],
       np.stack(full[22:30]))
 
 
 @pytest.mark.parametrize('n,bs', [(100, 10), (103, 10), (7, 10), (1, 1)])
 def test_eval_batches_count_each_example_once(n, bs):
-  batches = list(ip.eval_batches(n, bs))
+  batches = list(order.eval_batches(n, bs))
   assert len(batches) == -(-n // bs)
   counts = np.zeros(n, int)
   for idx, mask in batches:
@@ -208,7 +209,7 @@ class _Block:
     if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets'):
       raise ImportError(f'{name} is blocked in this test')
 sys.meta_path.insert(0, _Block())
-from resnet_jax import datasets, input_pipeline as ip
+from resnet_jax.data import datasets, in_memory as ip
 splits = ip.load_in_memory(datasets.get(sys.argv[1]))
 assert not any(m.startswith('tensorflow') for m in sys.modules)
 train, test = splits.train, splits.evals['test']
@@ -244,14 +245,14 @@ def test_cache_is_read_without_tensorflow(fashion):
 def test_cli_reports_the_cache(fashion, capsys, monkeypatch):
   data_dir = fashion[0]
   # The fixture already ran the preparation the CLI calls; skip redoing it.
-  monkeypatch.setattr(ip, 'prepare_cache',
+  monkeypatch.setattr(prepare_data, 'prepare_cache',
                       lambda name, data_dir, manual_dir: ip.cache_dir(
                           name, data_dir))
   # main reads the absl flags that _define_flags declares.
   monkeypatch.setattr(absl_flags, 'FLAGS', types.SimpleNamespace(
       dataset='fashion_mnist', data_dir=data_dir, manual_dir=None,
       pipeline=None))
-  assert not ip.main(['input_pipeline'])
+  assert not prepare_data.main(['prepare_data'])
   folder, size = capsys.readouterr().out.split()[:2]
   assert folder == ip.cache_dir('fashion_mnist', data_dir)
   assert 10 < float(size) < 60  # MiB, compressed
@@ -259,7 +260,7 @@ def test_cli_reports_the_cache(fashion, capsys, monkeypatch):
 
 def _cli(*args):
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, '-m', 'resnet_jax.input_pipeline',
+  return subprocess.run([sys.executable, '-m', 'resnet_jax.tools.prepare_data',
                          *args], capture_output=True, text=True, env=env,
                         cwd=REPO, timeout=120, check=False)
 

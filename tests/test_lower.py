@@ -15,7 +15,7 @@ import pytest
 
 from test_training import _env
 
-from resnet_jax import native
+from resnet_jax.cpu import native
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.stem for p in (ROOT / 'configs').glob('*.py')
@@ -26,7 +26,8 @@ import importlib.util, json, sys
 import jax
 jax.config.update('jax_num_cpu_devices', 8)
 import numpy as np
-from resnet_jax import lower, train_step
+from resnet_jax.tools import lower
+from resnet_jax.train import train_step
 from resnet_jax.errors import UserError
 
 def config(name):
@@ -117,7 +118,7 @@ def test_a_cpu_only_path_fails_the_accelerator_lowering(lowered, leak, reason):
 
 def test_command_line(tmp_path):
   out = subprocess.run(
-      [sys.executable, '-m', 'resnet_jax.lower', '--platform=cuda',
+      [sys.executable, '-m', 'resnet_jax.tools.lower', '--platform=cuda',
        '--devices=2', '--config.data.batch_size=32'],
       capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -129,7 +130,7 @@ def test_command_line(tmp_path):
   assert 'all-reduce x' in text
   assert 'known only to the cuda compiler' in text
   bad = subprocess.run(
-      [sys.executable, '-m', 'resnet_jax.lower', '--platform=gpu'],
+      [sys.executable, '-m', 'resnet_jax.tools.lower', '--platform=gpu'],
       capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300)
   assert bad.returncode == 2
   assert bad.stderr.strip().splitlines() == [

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from resnet_jax import config, models
-from resnet_jax.blocks import BasicBlock, Bottleneck
+from resnet_jax.models.blocks import BasicBlock, Bottleneck
 from resnet_jax.errors import UserError
 from resnet_jax.models import Residual, available_models, create_model
 

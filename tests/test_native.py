@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from resnet_jax import native
+from resnet_jax.cpu import native
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,8 @@ _PROBE = textwrap.dedent('''
     from absl import logging
     logging.set_verbosity('info')
     import jax, jax.numpy as jnp, numpy as np
-    from resnet_jax import conv, models, native
+    from resnet_jax.cpu import layers as cpu_layers, native
+    from resnet_jax import models
     from resnet_jax.errors import UserError
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
     ref = models.create_model('d2l_resnet18', conv_impl='xla', width=8)
@@ -30,7 +31,7 @@ _PROBE = textwrap.dedent('''
     lowered = jax.jit(lambda v, x: auto.apply(v, x)).lower(v, x).as_text()
     err = float(jnp.abs(auto.apply(v, x) - ref.apply(v, x)).max())
     try:
-      conv.get_conv('onednn')
+      cpu_layers.get_conv('onednn')
       explicit = 'ok'
     except UserError as e:
       explicit = str(e)
@@ -104,7 +105,7 @@ def test_concurrent_first_uses_build_once(tmp_path):
   build is serialised by a lock and the library appears atomically."""
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
              RESNET_JAX_CACHE_DIR=str(tmp_path))
-  code = 'from resnet_jax import native; print(native.build())'
+  code = 'from resnet_jax.cpu import native; print(native.build())'
   procs = [subprocess.Popen([sys.executable, '-c', code], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
            for _ in range(3)]
@@ -128,7 +129,7 @@ def test_a_changed_source_builds_a_new_library(tmp_path, monkeypatch):
 
 @needs_onednn
 def test_the_command_builds_checks_and_reports():
-  out = subprocess.run([sys.executable, '-m', 'resnet_jax.native'],
+  out = subprocess.run([sys.executable, '-m', 'resnet_jax.tools.native_check'],
                        capture_output=True, text=True, timeout=300,
                        check=False, cwd=ROOT,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import models, native, pooling
+from resnet_jax import models
+from resnet_jax.cpu import native, pooling
 
 
 @pytest.fixture(params=['native', 'views'])
@@ -44,10 +45,10 @@ def test_values_and_gradient_equal_xla(shape, window, strides, padding, path):
 
 
 def test_cpu_paths_use_it_and_xla_keeps_nn_max_pool():
-  assert models.create_model('d2l_resnet18', conv_impl='xla').max_pool is (
+  assert models.create_model('d2l_resnet18', conv_impl='xla').layers.pool is (
       nn.max_pool)
   if jax.default_backend() == 'cpu':
-    assert models.create_model('d2l_resnet18', conv_impl='auto').max_pool is (
+    assert models.create_model('d2l_resnet18', conv_impl='auto').layers.pool is (
         pooling.max_pool)
 
 

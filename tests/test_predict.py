@@ -13,9 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnet_jax import (checkpointing, config as config_lib, convert, datasets,
-                        device_data, input_pipeline, models, predictor,
-                        run_setup)
+from resnet_jax.checkpoint import workdir as workdir_lib
+
+from resnet_jax.checkpoint import checkpointing
+from resnet_jax import config as config_lib, models, predictor
+from resnet_jax.tools import convert
+from resnet_jax.data import datasets, in_memory, preprocess
+from resnet_jax.train import run_setup
 from resnet_jax.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -64,7 +68,7 @@ def _make_workdir(path: str, data_dir: str, step: int = 2, **model) -> str:
   config = _run_config(data_dir, **model)
   variables = _random_variables(models.from_config(config.model),
                                 (1, 32, 32, 1))
-  config_lib.write(path, config)
+  workdir_lib.write_config(path, config)
   ckpt = checkpointing.Checkpointer(path, async_save=False)
   ckpt.save(_State(step=np.int32(step), **variables))
   ckpt.close()
@@ -85,7 +89,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def _fake_test_image(data_dir: str, index: int = 0) -> np.ndarray:
-  splits = input_pipeline.load_in_memory(FASHION_MNIST, data_dir=data_dir)
+  splits = in_memory.load_in_memory(FASHION_MNIST, data_dir=data_dir)
   return splits.evals['test'].images[index]  # uint8 (28, 28, 1)
 
 
@@ -116,9 +120,9 @@ def _eval_path_probabilities(workdir: str, image: np.ndarray) -> np.ndarray:
   """What the training eval step computes on `image`: the run built from
   the workdir's config.json as train.py builds it, its eval preprocessing
   and the checkpoint's variables."""
-  run = run_setup.build(config_lib.read(workdir))
-  prep = device_data.make_preprocess(run.config, run.data.spec, run.image_size,
-                                     run.model.dtype)
+  run = run_setup.build(workdir_lib.read_config(workdir))
+  prep = preprocess.make_preprocess(run.config.data, run.data.spec,
+                                    run.image_size, run.model.dtype)
   ckpt = checkpointing.Checkpointer(workdir, read_only=True, async_save=False)
   variables, _ = ckpt.restore_variables()
   ckpt.close()
@@ -163,7 +167,7 @@ def test_stage_sizes_override_predicts(fake_data_dir, tmp_path):
 
 def test_converted_imagenet_weights_use_the_eval_crop_and_imagenet_names(
     tmp_path):
-  # A `python -m resnet_jax.convert` directory (random weights, no torch).
+  # A `python -m resnet_jax.tools.convert` directory (random weights, no torch).
   model = models.create_model('resnet18', num_classes=1000)
   convert.write_converted(str(tmp_path / 'tv'),
                           _random_variables(model, (1, 32, 32, 3)),
@@ -214,7 +218,7 @@ def test_errors_name_the_problem(workdir, tmp_path):
       {'model': 'resnet18', 'dataset': 'imagenet2012'}))
   with pytest.raises(UserError, match='another version of resnet_jax'):
     predictor.Predictor(str(tmp_path))
-  config_lib.write(str(tmp_path), convert.converted_config('resnet18', 1000))
+  workdir_lib.write_config(str(tmp_path), convert.converted_config('resnet18', 1000))
   with pytest.raises(UserError, match='no checkpoints/ folder'):
     predictor.Predictor(str(tmp_path))
   with pytest.raises(UserError, match='no checkpoint at step 7'):

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import config, datasets, preprocess as pp
+from resnet_jax import config
+from resnet_jax.data import datasets, preprocess as pp
 
 _FASHION_MNIST = datasets.get('fashion_mnist')
 MEAN, STD = _FASHION_MNIST.mean, _FASHION_MNIST.std

@@ -6,7 +6,7 @@ import gzip
 import json
 import os
 
-from resnet_jax import train_loop
+from resnet_jax.train import train_loop
 from test_training import tiny_config
 
 
@@ -38,7 +38,8 @@ def test_traces_the_chosen_steps(fake_data_dir, tmp_path):
 
 
 def test_off_by_default(tmp_path):
-  from resnet_jax import config as config_lib, profiling
+  from resnet_jax import config as config_lib
+  from resnet_jax.train import profiling
   assert config_lib.base_config().run.profile_start_step is None
   profiler = profiling.StepProfiler(str(tmp_path), None, 5)
   for step in range(1, 4):

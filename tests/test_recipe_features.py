@@ -20,8 +20,9 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_jax import (checkpointing, config as config_lib, durations, optim,
-                        predictor, train_loop, train_step, wandb_sink)
+from resnet_jax.checkpoint import checkpointing
+from resnet_jax import config as config_lib, durations, predictor, sharding
+from resnet_jax.train import optim, train_loop, train_step, wandb_sink
 from resnet_jax.errors import UserError
 from test_training import run_check, tiny_config
 
@@ -61,9 +62,11 @@ def tiny_batches(n: int, size: int = 16):
 
 
 def step_fn(**kwargs):
+  identity = lambda images, key: images
   return jax.jit(functools.partial(
-      train_step.train_step, preprocess=lambda images, key: images,
-      num_classes=10, steps=STEPS, **kwargs))
+      train_step.train_step, options=train_step.StepOptions(
+          preprocess=identity, eval_preprocess=identity, num_classes=10,
+          steps=STEPS, **kwargs)))
 
 
 def assert_trees_close(a, b, **tol):
@@ -174,7 +177,6 @@ def test_checkpoint_of_an_older_version_is_named_as_such():
 
 
 @pytest.mark.parametrize('overrides,words', [
-    ({'data.batch_size': 60, 'optim.grad_accum_steps': 8}, 'micro-batches'),
     ({'run.eval_weights': 'ema'}, 'needs an EMA'),
     ({'optim.ema_decay': 1.0}, r'in \[0, 1\)'),
     ({'optim.grad_accum_steps': 0}, '> 0'),
@@ -185,6 +187,14 @@ def test_feature_fields_are_validated(overrides, words):
   config.update_from_flattened_dict(overrides)
   with pytest.raises(UserError, match=words):
     config_lib.validate(config)
+
+
+def test_batch_must_split_into_micro_batches_on_every_device():
+  # Checked where the devices are known, before any data is read.
+  with pytest.raises(UserError, match='data.batch_size=60 does not divide by '
+                     '8 micro-batches x 1 devices; use a multiple of 8'):
+    sharding.check_batch_size(60, 'data.batch_size', 8)
+  sharding.check_batch_size(64, 'data.batch_size', 8)
 
 
 # ------------------------------- a run with every feature on, W&B faked
@@ -289,7 +299,7 @@ def test_ema_is_evaluated_beside_the_raw_weights(featured, capsys):
 
 
 def test_a_warm_start_starts_the_ema_at_the_loaded_weights(featured):
-  from resnet_jax import run_setup  # pylint: disable=g-import-not-at-top
+  from resnet_jax.train import run_setup
   config, workdir, _, _ = featured
   config = config.copy_and_resolve_references()
   config.run.init_from, config.run.wandb_project = f'{workdir}:8', None

@@ -17,8 +17,9 @@ import pytest
 from PIL import Image
 
 from conftest import write_stream_dataset
-from resnet_jax import (config as config_lib, datasets, input_pipeline,
-                        records, streaming)
+from resnet_jax import config as config_lib
+from resnet_jax.data import (datasets, host_decode, in_memory, order, records,
+                             streaming)
 from resnet_jax.errors import UserError
 from test_checkpoints import _final_state, _leaves, _records, _run_until
 from test_training import ROOT, _blocked_tensorflow, _env
@@ -74,7 +75,8 @@ def test_example_codec_and_tfrecord_conversion(tmp_path):
 def test_train_batch_k_is_a_pure_function_of_seed_and_k(stream_dir):
   s = _stream(stream_dir)
   plan = s.plan('train', 32)
-  assert (plan.num_examples, plan.steps_per_epoch) == (256, 8)
+  assert plan.num_examples == 256  # 8 steps an epoch: step 8 starts epoch 1
+  assert order.train_positions(8, plan.num_examples, 32)[0] == 1
   run = list(streaming.iterate(plan, 0, 10, workers=0))
   for b in run:
     assert b['image'].shape == (32, 28, 28, 1) and b['image'].dtype == np.uint8
@@ -88,7 +90,7 @@ def test_train_batch_k_is_a_pure_function_of_seed_and_k(stream_dir):
   assert len(read) == 4 * 32
   # The epoch's order is the in-memory pipeline's permutation: each example
   # once, step k its positions [32k, 32k + 32).
-  perm = input_pipeline.epoch_permutation(256, 0, 0)
+  perm = order.epoch_permutation(256, 0, 0)
   labels = np.concatenate([b['label'] for b in run[:8]])
   ordered = [records.parse_example(r)['label'][0] for r in
              records.open_source(list(plan.files)).__getitems__(
@@ -126,7 +128,7 @@ def test_random_draws_differ_across_processes_and_examples(stream_dir):
              for p in range(2)]
   rows = np.concatenate([loader(0)['image'] for loader in loaders])
   assert len({r.tobytes() for r in rows}) == 16
-  seeds = {streaming.example_rng(0, e, i).integers(1 << 62)
+  seeds = {order.example_rng(0, e, i).integers(1 << 62)
            for e in range(3) for i in range(1000)}
   assert len(seeds) == 3000
 
@@ -154,16 +156,16 @@ def test_decoders_crop_png_and_jpeg():
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format=fmt, quality=100)
     encoded = buf.getvalue()
-    assert streaming.image_shape(encoded) == (64, 48)
-    centre = streaming.crop_resize(encoded, lambda h, w: streaming
+    assert host_decode.image_shape(encoded) == (64, 48)
+    centre = host_decode.crop_resize(encoded, lambda h, w: host_decode
                                    .centre_window(h, w, 16, 32), 16, 3)
     assert centre.shape == (16, 16, 3) and centre.min() > 240
-    whole = streaming.crop_resize(encoded, lambda h, w: streaming
+    whole = host_decode.crop_resize(encoded, lambda h, w: host_decode
                                   .centre_window(h, w, 16, 0), 16, 3)
     assert whole[8, 8].min() > 240 and whole[0, 0].max() < 60
   rng = np.random.default_rng(0)
   for _ in range(200):
-    y, x, h, w = streaming.inception_window(rng, 375, 500)
+    y, x, h, w = host_decode.inception_window(rng, 375, 500)
     assert 0 <= y and y + h <= 375 and 0 <= x and x + w <= 500
     assert 0.08 * 0.9 <= h * w / (375 * 500) <= 1.0
     assert (h, w) == (375, 500) or 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
@@ -194,14 +196,14 @@ def test_real_fashion_mnist_converted_from_tfds_streams_its_pixels(
   s = _stream(str(tmp_path))
   assert s.sizes == {'train': 60_000, 'test': 10_000}
   assert streaming.label_names(s.found)[:2] == ['T-shirt/top', 'Trouser']
-  cached = input_pipeline.load_in_memory(FASHION,
+  cached = in_memory.load_in_memory(FASHION,
                                          data_dir=fashion_mnist_data_dir)
   test = cached.evals['test']
   batch = streaming.BatchLoader(s.plan('test', 500))(3)
   np.testing.assert_array_equal(batch['image'], test.images[1500:2000])
   np.testing.assert_array_equal(batch['label'], test.labels[1500:2000])
   train = streaming.BatchLoader(s.plan('train', 64))(0)
-  perm = input_pipeline.epoch_permutation(60_000, 0, 0)[:64]
+  perm = order.epoch_permutation(60_000, 0, 0)[:64]
   np.testing.assert_array_equal(train['image'], cached.train.images[perm])
 
 

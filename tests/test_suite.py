@@ -1,4 +1,4 @@
-"""python -m resnet_jax.suite --smoke: every stage of the accelerator suite,
+"""python -m resnet_jax.tools.suite --smoke: every stage of the accelerator suite,
 tiny, on the CPU; a failing stage is recorded and the next one still runs."""
 
 import json
@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _suite(*args, timeout=900):
-  return subprocess.run([sys.executable, '-m', 'resnet_jax.suite', *args],
+  return subprocess.run([sys.executable, '-m', 'resnet_jax.tools.suite', *args],
                         capture_output=True, text=True, cwd=ROOT, env=_env(),
                         timeout=timeout)
 

@@ -6,7 +6,10 @@ import sys
 
 import pytest
 
-from resnet_jax import config, models, summary
+from resnet_jax.checkpoint import workdir as workdir_lib
+
+from resnet_jax import config, models
+from resnet_jax.tools import summary
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -48,7 +51,7 @@ def test_model_and_input_follow_the_config():
 
 def _summary_cli(*args):
   return subprocess.run(
-      [sys.executable, '-m', 'resnet_jax.summary', *args], capture_output=True,
+      [sys.executable, '-m', 'resnet_jax.tools.summary', *args], capture_output=True,
       text=True, cwd=ROOT, timeout=300, check=False)
 
 
@@ -65,7 +68,7 @@ def test_summary_cli(tmp_path):
   c.model.stage_sizes = (1, 1, 1)
   c.model.num_classes = 10
   c.data.dataset = 'cifar10'
-  config.write(str(tmp_path), c)
+  workdir_lib.write_config(str(tmp_path), c)
   out = _summary_cli(f'--workdir={tmp_path}')
   assert out.returncode == 0, out.stderr[-2000:]
   assert 'parameters: 75,290' in out.stdout  # ResNet-8's count

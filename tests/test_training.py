@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import FAST_COMPILE
-from resnet_jax import train_loop
+from resnet_jax.train import train_loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.stem for p in (ROOT / 'configs').glob('*.py')
@@ -188,7 +188,7 @@ def test_validation_split_is_evaluated_and_selects_the_best(fake_data_dir,
 
 def test_eval_step_counts_top1_and_top5_over_the_mask():
   import types  # pylint: disable=g-import-not-at-top
-  from resnet_jax import train_step  # pylint: disable=g-import-not-at-top
+  from resnet_jax.train import train_step
   # 7 classes; the label's rank: 1st, 3rd, 5th, 6th, and a padded row.
   logits = np.array([[9, 1, 2, 3, 4, 5, 6], [1, 9, 8, 3, 4, 5, 6],
                      [1, 2, 3, 4, 9, 8, 7], [6, 5, 4, 3, 2, 1, 0],
@@ -197,7 +197,9 @@ def test_eval_step_counts_top1_and_top5_over_the_mask():
                                 apply_fn=lambda v, x, train: logits)
   batch = {'image': np.zeros((5, 1)), 'label': np.array([0, 6, 2, 5, 0]),
            'mask': np.array([True, True, True, True, False])}
-  m = train_step.eval_step(state, batch, preprocess=lambda x, rng: x,
-                           num_classes=7)
+  identity = lambda x, rng: x
+  m = train_step.eval_step(state, batch, options=train_step.StepOptions(
+      preprocess=identity, eval_preprocess=identity, num_classes=7,
+      steps=None))
   assert (float(m['correct']), float(m['correct5']), float(m['count'])) == (
       1.0, 3.0, 4.0)
