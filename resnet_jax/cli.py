@@ -27,7 +27,7 @@ DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
     'default.py')
 # What absl and ml_collections raise for a bad flag or config override.
-_FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError,
+FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError,
                 OSError, SyntaxError)
 
 
@@ -66,7 +66,7 @@ def define_config_flag(default: str | None = DEFAULT_CONFIG):
     return config_flags.DEFINE_config_file(
         'config', default, 'A config file (configs/*.py) with '
         'get_config(); override any field with --config.SECTION.FIELD=VALUE.')
-  except _FLAG_ERRORS as e:
+  except FLAG_ERRORS as e:
     fail(flag_error(e))
 
 
@@ -76,7 +76,7 @@ def config_value(holder) -> Any:
     config = holder.value
     config.run  # pylint: disable=pointless-statement  (loads a lazy config)
     return config
-  except _FLAG_ERRORS as e:
+  except FLAG_ERRORS as e:
     fail(flag_error(e))
 
 
@@ -89,7 +89,7 @@ def overrides(holder) -> dict[str, Any]:
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
-  except _FLAG_ERRORS as e:
+  except FLAG_ERRORS as e:
     fail(flag_error(e))
 
 

@@ -31,6 +31,7 @@ from resnet_jax import durations
 from resnet_jax import models, sharding
 from resnet_jax.train import optim, train_step
 from resnet_jax.data import preprocess
+from helpers import tiny_batches, tiny_config, tiny_state
 
 _STEPS = durations.Steps(total=100, per_epoch=10, warmup=0, log_every=10,
                           eval_every=10, checkpoint_every=10)
@@ -112,7 +113,6 @@ def accumulated_step() -> dict:
   """Two steps of 2 micro-batches on 8 devices against two of the whole
   batch on 1, for a model without BatchNorm (test_recipe_features.Tiny)."""
   assert jax.device_count() == 8, jax.devices()
-  from test_recipe_features import tiny_batches, tiny_state  # pylint: disable=g-import-not-at-top
   params = {}
   for n, k in ((1, 1), (8, 2)):
     mesh = Mesh(np.array(jax.devices()[:n]), (sharding.DATA_AXIS,))
@@ -156,7 +156,6 @@ def restore_and_compare(workdir: str) -> dict:
 def train_tiny(workdir: str, data_dir: str) -> dict:
   """The tiny run of test_checkpoints, on every (simulated) device."""
   from resnet_jax.train import train_loop
-  from test_training import tiny_config  # pylint: disable=g-import-not-at-top
   config = tiny_config('default', data_dir, **{
       'model.width': 4, 'data.batch_size': 32, 'run.num_train_steps': 8,
       'run.checkpoint_every_steps': 4, 'data.eval_batch_size': 40})

@@ -1,19 +1,26 @@
 """Every bad input a user can give: one line naming the problem and the fix,
-exit code 2, no traceback. Each case runs train.py as a user would (all at
-once, to share the cores' time); among them one per validation rule of
-resnet_jax/config.py, each naming the field and its valid range."""
+exit code 2, no traceback; among them one case per validation rule of
+resnet_jax/config.py, each naming the field and its valid range.
+
+The message of each case is computed in-process, as train.py computes it
+(the command line parsed as `cli` parses it, then the run); three cases run
+train.py itself, proving the one line, the exit code and the missing
+traceback of the command, and the cases that depend on the machine's
+environment (TFDS offline) run it in the full tier."""
 
 import subprocess
 import sys
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
+from helpers import EIGHT_DEVICES, ROOT, subprocess_env
+from resnet_jax import cli, sharding
+from resnet_jax.checkpoint import workdir as workdir_lib
 from resnet_jax.errors import UserError
-from test_training import ROOT, _env
+from resnet_jax.train import train_loop
 
-EIGHT = '--xla_force_host_platform_device_count=8'
-
-# (name, extra flags, expected words in the message, extra environment)
 CASES = [
     ('unknown model', ['--config.model.name=resnet51'],
      ['model.name', 'resnet50'], {}),
@@ -93,7 +100,7 @@ CASES = [
      ['data.image_size', 'imagenet2012'], {}),
     # Beyond the fields' ranges: the machine and the files.
     ('batch not divisible by devices', ['--config.data.batch_size=12'],
-     ['data.batch_size=12', '8 devices'], {'XLA_FLAGS': EIGHT}),
+     ['data.batch_size=12', '8 devices'], {'XLA_FLAGS': EIGHT_DEVICES}),
     ('batch larger than the dataset', ['--config.data.batch_size=512'],
      ['data.batch_size=512', '256'], {}),
     ('image too small', ['--config.data.image_size=2'],
@@ -109,47 +116,127 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope='module')
-def outcomes(fake_data_dir, tmp_path_factory):
-  empty = tmp_path_factory.mktemp('empty_tfds')
-  bad_config = tmp_path_factory.mktemp('configs') / 'typo.py'
-  bad_config.write_text(
+# Run as train.py itself: the command's one line, exit code and no traceback
+# (a flag parse error, a value of the wrong type, a validation rule); and
+# the environment cases (TFDS preparing offline), in the full tier.
+COMMAND_CASES = ('misspelt config key', 'wrong value type',
+                 'learning rate <= 0')
+ENVIRONMENT_CASES = ('dataset not prepared offline',)
+
+
+def _bad_config_file(folder) -> str:
+  path = folder / 'typo.py'
+  path.write_text(
       'from resnet_jax import config\n'
       'def get_config():\n'
       '  c = config.base_config()\n'
       '  c.optim.lerning_rate = 0.05  # a new field, not the learning rate\n'
       '  return c\n')
+  return str(path)
+
+
+def _argv(name, flag_list, data_dir, bad_config) -> list[str]:
+  """train.py's flags for a case: --config=FILE before the overrides, the
+  case's own overrides last."""
+  flag_list = [f.format(bad_config=bad_config) for f in flag_list]
+  files = [f for f in flag_list if f.startswith('--config=')]
+  return [*files, f'--config.data.tfds_data_dir={data_dir}',
+          '--config.run.num_train_steps=2', '--config.model.width=4',
+          *[f for f in flag_list if f not in files]]
+
+
+def _message_in_process(argv: list[str], workdir: str) -> str:
+  """The error train.py reports for `argv`, computed in this process: the
+  flags parsed as cli.run parses them, then training (or, in eval mode,
+  the workdir's recorded config) as train.py's main does."""
+  values = flags.FlagValues()
+  argv = ['train.py', *argv]
+  try:
+    # ml_collections reads the overrides in the argv at definition time.
+    holder = config_flags.DEFINE_config_file(
+        'config', cli.DEFAULT_CONFIG, flag_values=values, sys_argv=argv)
+    values(argv)
+    config = holder.value
+    config.run  # pylint: disable=pointless-statement  (loads a lazy config)
+  except cli.FLAG_ERRORS as e:
+    return cli.flag_error(e)
+  with pytest.raises(UserError) as error:
+    if config.run.mode == 'eval':
+      train_loop.evaluate_checkpoint(workdir_lib.read_config(workdir),
+                                     workdir)
+    else:
+      train_loop.train_and_evaluate(config, workdir)
+  return str(error.value)
+
+
+def _workdir(name, tmp_path) -> str:
+  """An empty workdir (a forbidden one for its case)."""
+  if name == 'unwritable workdir':
+    return '/proc/forbidden/run'
+  (tmp_path / 'run').mkdir(exist_ok=True)
+  return str(tmp_path / 'run')
+
+
+@pytest.mark.parametrize(
+    'name,flag_list,words,env',
+    [c for c in CASES if c[0] not in ENVIRONMENT_CASES],
+    ids=[c[0] for c in CASES if c[0] not in ENVIRONMENT_CASES])
+def test_bad_input_gets_one_clear_line(name, flag_list, words, env,
+                                       fake_data_dir, tmp_path, monkeypatch):
+  if env.get('XLA_FLAGS') == EIGHT_DEVICES:  # 8 devices, as the check sees
+    mesh = sharding.make_mesh()
+    monkeypatch.setattr(sharding, 'make_mesh', lambda: mesh)
+    monkeypatch.setattr(sharding.jax, 'device_count', lambda: 8)
+  message = _message_in_process(
+      _argv(name, flag_list, fake_data_dir, _bad_config_file(tmp_path)),
+      _workdir(name, tmp_path))
+  assert '\n' not in message, message
+  for word in words:
+    assert word in message, message
+
+
+def _run_train_py(cases, data_dirs, tmp_path_factory) -> dict:
+  """train.py for each case, all at once (to share the cores' time)."""
+  bad_config = _bad_config_file(tmp_path_factory.mktemp('configs'))
   procs = {}
-  for name, flags, _, env in CASES:
-    workdir = ('/proc/forbidden/run' if name == 'unwritable workdir' else
-               str(tmp_path_factory.mktemp('bad')))
-    data_dir = empty if name == 'dataset not prepared offline' else fake_data_dir
-    flags = [f.format(bad_config=bad_config) for f in flags]
-    # --config=FILE must come before the --config.FIELD overrides, and the
-    # case's own overrides last.
-    files = [f for f in flags if f.startswith('--config=')]
-    cmd = [sys.executable, str(ROOT / 'train.py'), *files,
-           f'--workdir={workdir}', f'--config.data.tfds_data_dir={data_dir}',
-           '--config.run.num_train_steps=2', '--config.model.width=4',
-           *[f for f in flags if f not in files]]
-    procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True,
-                                   env=_env(**env))
-  return {name: (p.wait(timeout=600), p.stdout.read(), p.stderr.read())
+  for name, flag_list, _, env in cases:
+    workdir = _workdir(name, tmp_path_factory.mktemp('bad'))
+    argv = _argv(name, flag_list, data_dirs.get(name) or data_dirs[None],
+                 bad_config)
+    procs[name] = subprocess.Popen(
+        [sys.executable, str(ROOT / 'train.py'), f'--workdir={workdir}',
+         *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=subprocess_env(**env))
+  return {name: (p.wait(timeout=600), p.stderr.read())
           for name, p in procs.items()}
 
 
-@pytest.mark.parametrize('name,flags,words,env', CASES,
-                         ids=[c[0] for c in CASES])
-def test_bad_input_gets_one_clear_line(outcomes, name, flags, words, env):
-  del flags, env
-  code, _, err = outcomes[name]
+def _assert_one_error_line(code: int, err: str, words) -> None:
   assert code == 2, err[-2000:]
   assert 'Traceback' not in err, err[-2000:]
   errors = [l for l in err.splitlines() if l.startswith('error: ')]
   assert len(errors) == 1, err[-2000:]
   for word in words:
     assert word in errors[0], errors[0]
+
+
+def test_train_py_prints_one_line_and_exits_2(fake_data_dir,
+                                              tmp_path_factory):
+  cases = [c for c in CASES if c[0] in COMMAND_CASES]
+  outcomes = _run_train_py(cases, {None: fake_data_dir}, tmp_path_factory)
+  for name, _, words, _ in cases:
+    _assert_one_error_line(*outcomes[name], words)
+
+
+@pytest.mark.full
+def test_environment_errors_of_train_py(fake_data_dir, tmp_path_factory):
+  empty = str(tmp_path_factory.mktemp('empty_tfds'))
+  cases = [c for c in CASES if c[0] in ENVIRONMENT_CASES]
+  outcomes = _run_train_py(
+      cases, {None: fake_data_dir, 'dataset not prepared offline': empty},
+      tmp_path_factory)
+  for name, _, words, _ in cases:
+    _assert_one_error_line(*outcomes[name], words)
 
 
 def test_image_size_limit_admits_the_textbook_model_at_28():

@@ -15,7 +15,7 @@ import pytest
 from resnet_jax.tools import benchmark, peak_flops
 from resnet_jax import config as config_lib
 from resnet_jax.errors import UserError
-from test_training import _env as training_env
+from helpers import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # ResNet-20 at width 4 with XLA's convolutions (the fastest to compile), on
@@ -41,7 +41,7 @@ def _config(**overrides):
 
 def _env(devices: int | None = None) -> dict:
   flags = f'--xla_force_host_platform_device_count={devices}' if devices else ''
-  return training_env(XLA_FLAGS=flags)
+  return subprocess_env(XLA_FLAGS=flags)
 
 
 def _cli(*args: str, devices: int | None = None
@@ -123,6 +123,7 @@ def test_in_process_run_writes_consistent_figures(single):
   assert 'data_pipeline' not in single
 
 
+@pytest.mark.full
 def test_cli_on_8_devices_with_the_in_memory_pipeline(sharded, single):
   assert sharded['device_count'] == 8 and sharded['batch_size'] == 16
   assert sharded['input_shape'] == [28, 28, 1] and sharded['image_size'] == 16
@@ -223,6 +224,7 @@ def test_peak_table_and_cpu_derivation():
 
 
 
+@pytest.mark.full
 def test_flops_are_the_models_even_inside_the_patch_chunk_loops(tmp_path):
   # At batch 64, 32x32 and width 8 a 3x3 layer's patches (19 MB) exceed
   # passes.PATCH_BYTES_LIMIT, so 'patches' computes them in chunk loops, whose

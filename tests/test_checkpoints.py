@@ -3,7 +3,6 @@ kills anywhere; one run per workdir; a failing write during a save; fallback
 from a corrupt checkpoint, evaluation, warm start, mismatches, non-finite
 stops. (In-process fault tests: test_faults.py.)"""
 
-import json
 import os
 import pathlib
 import random
@@ -21,10 +20,9 @@ import pytest
 from resnet_jax.checkpoint import checkpointing
 from resnet_jax.train import train_loop
 from resnet_jax.errors import UserError
-from test_training import ROOT, _env, run_check, tiny_config
-
-TIMING_FIELDS = ('images_per_sec', 'examples_per_sec')
-
+from helpers import (ROOT, final_state, free_port, leaves, metric_records,
+                     run_check, run_until, scalars, subprocess_env,
+                     tiny_config)
 
 def _cmd(workdir, data_dir, *extra):
   return [sys.executable, str(ROOT / 'train.py'), f'--workdir={workdir}',
@@ -36,37 +34,6 @@ def _cmd(workdir, data_dir, *extra):
           '--config.data.augment.crop_padding=2',
           '--config.data.augment.flip=True',
           '--config.run.progress_bar=False', *extra]
-
-
-def _run_until(cmd, workdir, step, sig):
-  """Starts a run, sends `sig` once the checkpoint of `step` is complete."""
-  proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  target = pathlib.Path(workdir) / 'checkpoints' / str(step)
-  deadline = time.time() + 400
-  while not target.is_dir():
-    if proc.poll() is not None:
-      raise AssertionError(f'run ended before step {step}: '
-                           f'{proc.stderr.read()[-3000:]}')
-    if time.time() > deadline:
-      proc.kill()
-      raise AssertionError(f'no checkpoint {step} after 400 s')
-    time.sleep(0.05)
-  proc.send_signal(sig)
-  out, err = proc.communicate(timeout=300)
-  return proc.returncode, out, err
-
-
-def _final_state(workdir, step=20):
-  """The stored state of `step` on one device, whatever device count wrote it."""
-  return checkpointing.Checkpointer(str(workdir), read_only=True,
-                                    async_save=False).restore_raw(step)[0]
-
-
-def _records(workdir):
-  lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
-  return [{k: v for k, v in json.loads(l).items() if k not in TIMING_FIELDS}
-          for l in lines]
 
 
 # The recipe features that add state, on in every run compared bitwise:
@@ -83,7 +50,7 @@ def _cmd_features(workdir, data_dir, *extra):
 def reference(fake_data_dir, tmp_path_factory):
   """The uninterrupted run of `_cmd_features`: 20 steps, 8 per epoch."""
   ref = tmp_path_factory.mktemp('reference')
-  out = subprocess.run(_cmd_features(ref, fake_data_dir), env=_env(),
+  out = subprocess.run(_cmd_features(ref, fake_data_dir), env=subprocess_env(),
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   return ref
@@ -91,17 +58,18 @@ def reference(fake_data_dir, tmp_path_factory):
 
 def _assert_same_run(ref, run):
   """Bitwise the same final state, and the same metrics records."""
-  a, b = _final_state(ref), _final_state(run)
+  a, b = final_state(ref), final_state(run)
   for section in ('params', 'batch_stats', 'opt_state', 'step', 'rng',
                   'metric_sums', 'ema'):
-    leaves_a = [np.asarray(x) for x in _leaves(a[section])]
-    leaves_b = [np.asarray(x) for x in _leaves(b[section])]
+    leaves_a = [np.asarray(x) for x in leaves(a[section])]
+    leaves_b = [np.asarray(x) for x in leaves(b[section])]
     assert len(leaves_a) == len(leaves_b) > 0
     for x, y in zip(leaves_a, leaves_b):
       np.testing.assert_array_equal(x, y, err_msg=section)
-  assert _records(ref) == _records(run)
+  assert metric_records(ref) == metric_records(run)
 
 
+@pytest.mark.full
 def test_resume_after_kills_and_sigterm_is_bitwise_identical(fake_data_dir,
                                                               reference,
                                                               tmp_path):
@@ -110,14 +78,14 @@ def test_resume_after_kills_and_sigterm_is_bitwise_identical(fake_data_dir,
   # (step 8, with its evaluation), then a preemption by SIGTERM.
   for step, sig in ((3, signal.SIGKILL), (9, signal.SIGKILL),
                     (15, signal.SIGTERM)):
-    code, _, err = _run_until(_cmd_features(run, fake_data_dir), run,
+    code, _, err = run_until(_cmd_features(run, fake_data_dir), run,
                               step, sig)
     if sig == signal.SIGTERM:
       assert code == 0, err[-3000:]  # a clean preemption for schedulers
       assert 'resume with the same command' in err
     else:
       assert code == -signal.SIGKILL
-  out = subprocess.run(_cmd_features(run, fake_data_dir), env=_env(),
+  out = subprocess.run(_cmd_features(run, fake_data_dir), env=subprocess_env(),
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   _assert_same_run(reference, run)
@@ -142,7 +110,7 @@ class _Attempt:
   def __init__(self, cmd, workdir):
     self.checkpoints = pathlib.Path(workdir) / 'checkpoints'
     self.started = time.time()
-    self.proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE,
+    self.proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True)
     self.lines = []
     self._reader = threading.Thread(target=self._read, daemon=True)
@@ -223,19 +191,7 @@ def _trigger(attempt: _Attempt, kind: str, rng: random.Random) -> float:
   return delay if attempt.wait_for(condition) else 0.0
 
 
-def _scalars(logdir) -> dict[str, list[tuple[int, float]]]:
-  """tag -> [(step, value)] of every event file of `logdir`, in file order."""
-  from resnet_jax.train import tensorboard_files
-  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
-  series = {}
-  for path in tensorboard_files.event_files(str(logdir)):
-    for event in tensorboard_files.read_events(path):
-      for v in event.summary.value:
-        series.setdefault(v.tag, []).append(
-            (event.step, float(tensor_util.make_ndarray(v.tensor))))
-  return series
-
-
+@pytest.mark.full
 def test_random_kills_anywhere_end_bitwise_like_an_uninterrupted_run(
     fake_data_dir, reference, tmp_path):
   # 11 SIGKILLs, each a random delay after a moment it aims at: an Orbax
@@ -255,14 +211,14 @@ def test_random_kills_anywhere_end_bitwise_like_an_uninterrupted_run(
     assert attempt.proc.returncode in (0, -signal.SIGKILL), (
         '\n'.join(attempt.lines[-30:]))
   print('random kills landed:', landed)
-  out = subprocess.run(cmd, env=_env(), capture_output=True, text=True,
+  out = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True,
                        timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   _assert_same_run(reference, run)
   assert not [n for n in os.listdir(run / 'checkpoints') if not n.isdigit()]
   # TensorBoard shows each step once, with the uninterrupted run's values
   # (examples or images per second are measured anew).
-  ref_tb, run_tb = _scalars(reference / 'tensorboard'), _scalars(
+  ref_tb, run_tb = scalars(reference / 'tensorboard'), scalars(
       run / 'tensorboard')
   assert sorted(ref_tb) == sorted(run_tb)
   for tag, series in ref_tb.items():
@@ -270,7 +226,7 @@ def test_random_kills_anywhere_end_bitwise_like_an_uninterrupted_run(
     if not tag.endswith('_per_sec'):
       assert run_tb[tag] == series, tag
   # The command of the finished run prints its result and exits 0.
-  out = subprocess.run(cmd, env=_env(), capture_output=True, text=True,
+  out = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True,
                        timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.startswith('the run ended at step 20 (epoch 2.50): test '
@@ -280,11 +236,12 @@ def test_random_kills_anywhere_end_bitwise_like_an_uninterrupted_run(
   assert sum(not l.startswith('none') for l in landed) >= 8, landed
 
 
+@pytest.mark.full
 def test_a_second_run_on_a_live_workdir_stops_at_once(fake_data_dir,
                                                       reference, tmp_path):
   run = tmp_path / 'live'
   cmd = _cmd_features(run, fake_data_dir)
-  first = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE,
+  first = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
   try:
     deadline = time.time() + 400
@@ -294,7 +251,7 @@ def test_a_second_run_on_a_live_workdir_stops_at_once(fake_data_dir,
       time.sleep(0.05)
     first.send_signal(signal.SIGSTOP)  # alive, holding the lock, for as
     try:                               # long as the second run needs
-      second = subprocess.run(cmd, env=_env(), capture_output=True,
+      second = subprocess.run(cmd, env=subprocess_env(), capture_output=True,
                               text=True, timeout=300)
     finally:
       first.send_signal(signal.SIGCONT)
@@ -320,19 +277,20 @@ def _with_file_size_limit(cmd, limit: int):
   return [sys.executable, '-c', setup, *cmd[1:]]
 
 
+@pytest.mark.full
 def test_a_failing_write_during_a_save_keeps_the_previous_checkpoint(
     fake_data_dir, reference, tmp_path):
   del reference  # its programs are in the shared compilation cache
   run = tmp_path / 'full'
   cmd = _cmd_features(run, fake_data_dir)
-  code, _, _ = _run_until(cmd, run, 3, signal.SIGKILL)
+  code, _, _ = run_until(cmd, run, 3, signal.SIGKILL)
   assert code == -signal.SIGKILL
   # Checkpoint files are larger than 12 KB, the metrics and events written
   # before step 9 smaller. The compilation cache is read but not written:
   # an entry cut at the limit would stay in the shared cache.
   out = subprocess.run(
       _with_file_size_limit(cmd, 12_000), capture_output=True, text=True,
-      env=_env(JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=str(2**62)),
+      env=subprocess_env(JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=str(2**62)),
       timeout=600)
   assert out.returncode == 2, out.stderr[-3000:]
   last = out.stderr.strip().splitlines()[-1]
@@ -346,17 +304,6 @@ def test_a_failing_write_during_a_save_keeps_the_previous_checkpoint(
                                     async_save=False)
   assert ckpt.all_steps() == [3]  # the temporary folder is not a checkpoint
   assert ckpt.restore_raw(3)[1]['step'] == 3  # its checksums verified
-
-
-def _leaves(tree):
-  if isinstance(tree, dict):
-    for k in sorted(tree):
-      yield from _leaves(tree[k])
-  elif isinstance(tree, (list, tuple)):
-    for v in tree:
-      yield from _leaves(v)
-  else:
-    yield tree
 
 
 @pytest.fixture(scope='module')
@@ -460,10 +407,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(fake_data_dir,
   steps = checkpointing.Checkpointer(str(tmp_path), read_only=True,
                                      async_save=False).all_steps()
   for step in steps:
-    state = _final_state(tmp_path, step)
-    assert all(np.all(np.isfinite(x)) for x in _leaves(state['params']))
+    state = final_state(tmp_path, step)
+    assert all(np.all(np.isfinite(x)) for x in leaves(state['params']))
 
 
+@pytest.mark.full
 def test_checkpoint_restores_on_another_device_count(trained, fake_data_dir,
                                                      tmp_path):
   _, workdir, _ = trained
@@ -478,35 +426,29 @@ def test_checkpoint_restores_on_another_device_count(trained, fake_data_dir,
                                              'step': 8}
 
 
-def _free_port() -> int:
-  import socket  # pylint: disable=g-import-not-at-top
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _two_processes(workdir, data_dir, port, *extra):
   return [subprocess.Popen(
       _cmd(workdir, data_dir, *extra), stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True,
-      env=_env(XLA_FLAGS='--xla_force_host_platform_device_count=4',
+      env=subprocess_env(XLA_FLAGS='--xla_force_host_platform_device_count=4',
                JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i),
                JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}'))
           for i in range(2)]
 
 
+@pytest.mark.full
 def test_two_processes_equal_one_process_and_survive_preemption(
     fake_data_dir, tmp_path):
   # Two processes of 4 simulated devices each, against one process of 8.
   one = tmp_path / 'one'
   out = subprocess.run(
       _cmd(one, fake_data_dir), capture_output=True, text=True, timeout=600,
-      env=_env(XLA_FLAGS='--xla_force_host_platform_device_count=8'))
+      env=subprocess_env(XLA_FLAGS='--xla_force_host_platform_device_count=8'))
   assert out.returncode == 0, out.stderr[-3000:]
   # The scheduler's SIGTERM reaches only process 1: both must agree to stop
   # at the same step, save together and exit 0.
   two = tmp_path / 'two'
-  procs = _two_processes(two, fake_data_dir, _free_port())
+  procs = _two_processes(two, fake_data_dir, free_port())
   deadline = time.time() + 400
   while not (two / 'checkpoints' / '9').is_dir():
     if any(p.poll() is not None for p in procs) or time.time() > deadline:
@@ -524,20 +466,20 @@ def test_two_processes_equal_one_process_and_survive_preemption(
   stopped = [int(s) for s in os.listdir(two / 'checkpoints') if s.isdigit()]
   assert 9 < max(stopped) < 20
   # The same command continues, and ends where one process ends.
-  procs = _two_processes(two, fake_data_dir, _free_port())
+  procs = _two_processes(two, fake_data_dir, free_port())
   results = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, results):
     assert p.returncode == 0, err[-3000:]
   # Only process 0 prints the epoch line and writes logs and plots.
   assert 'test acc' in results[0][0] and 'test acc' not in results[1][0]
   assert (two / 'curves.png').exists() and (two / 'metrics.jsonl').exists()
-  a, b = _final_state(one), _final_state(two)
+  a, b = final_state(one), final_state(two)
   for section in ('params', 'batch_stats', 'opt_state'):
-    for x, y in zip(_leaves(a[section]), _leaves(b[section])):
+    for x, y in zip(leaves(a[section]), leaves(b[section])):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5,
                                  atol=1e-6, err_msg=section)
-  assert [r['loss'] for r in _records(one) if 'loss' in r] == pytest.approx(
-      [r['loss'] for r in _records(two) if 'loss' in r], rel=1e-5)
+  assert [r['loss'] for r in metric_records(one) if 'loss' in r] == pytest.approx(
+      [r['loss'] for r in metric_records(two) if 'loss' in r], rel=1e-5)
   # The checkpoint the two processes wrote restores in one process.
   from multidevice_checks import restore_and_compare  # pylint: disable=g-import-not-at-top
   assert restore_and_compare(str(two)) == {'devices': 1, 'equal': True,

@@ -52,7 +52,7 @@ def _random_torchvision(torch, name: str):
 
 
 @pytest.mark.parametrize('name', [
-    pytest.param(n, marks=pytest.mark.slow) if n in _SLOW else n
+    pytest.param(n, marks=pytest.mark.full) if n in _SLOW else n
     for n in torchvision_weights.TORCHVISION_MODELS])
 def test_logits_equal_torchvision(name):
   torch = pytest.importorskip('torch')
@@ -88,6 +88,7 @@ def _cli(*args, code=None):
                         text=True, cwd=_REPO, timeout=300, check=False)
 
 
+@pytest.mark.full
 def test_pth_checkpoint_through_cli(tmp_path):
   torch = pytest.importorskip('torch')
   pytest.importorskip('torchvision')
@@ -158,6 +159,7 @@ def test_numpy_state_dict_layouts():
           jax.tree.map(lambda a: (a.shape, a.dtype), dict(expected)))
 
 
+@pytest.mark.full
 def test_numpy_state_dict_needs_no_torch(tmp_path):
   src = str(tmp_path / 'sd.npz')
   np.savez(src, **_torchvision_resnet18_state())
@@ -269,6 +271,7 @@ def _assert_one_line_error(result, fragment) -> None:
   assert fragment in result.stderr
 
 
+@pytest.mark.full
 def test_cli_writes_checkpoint_that_restores(tmp_path):
   state = _torchvision_resnet18_state(num_classes=5)
   src = str(tmp_path / 'sd.npz')

@@ -24,7 +24,10 @@ from resnet_jax.tools import benchmark, summary
 from resnet_jax import predictor
 from resnet_jax.data import datasets, device_data, in_memory
 from resnet_jax.train import train_loop
-from test_training import ROOT, _blocked_tensorflow, _env
+from helpers import ROOT, blocked_tensorflow, subprocess_env
+
+# Subprocesses and every config end to end: the full tier.
+pytestmark = pytest.mark.full
 
 CONFIGS = sorted(p.stem for p in (ROOT / 'configs').glob('*.py')
                  if p.stem != '__init__')
@@ -154,7 +157,7 @@ def test_every_command_on_a_recipes_workdir(name, fake_data_dir,
 
 def _cli(*args: str, **env) -> subprocess.CompletedProcess:
   out = subprocess.run([sys.executable, *args], capture_output=True,
-                       text=True, env=_env(**env), cwd=ROOT, timeout=600,
+                       text=True, env=subprocess_env(**env), cwd=ROOT, timeout=600,
                        check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   return out
@@ -171,7 +174,7 @@ def test_every_command_on_the_default_recipes_workdir(fashion_mnist_data_dir,
   data = f'--config.data.tfds_data_dir={fashion_mnist_data_dir}'
   out = _cli('train.py', f'--workdir={workdir}', data,
              '--config.run.num_train_steps=20', '--config.run.log_every_steps=8',
-             PYTHONPATH=f'{_blocked_tensorflow(tmp_path)}:{ROOT}')
+             PYTHONPATH=f'{blocked_tensorflow(tmp_path)}:{ROOT}')
   assert 'warmup of 281 steps is longer than the run (20 steps)' in out.stderr
   assert 'cifar_resnet8 on fashion_mnist' in out.stderr
   # The textbook's line, once, naming the split it evaluated.

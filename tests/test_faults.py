@@ -17,11 +17,10 @@ import pytest
 
 from resnet_jax.checkpoint import checkpointing
 from resnet_jax.checkpoint import workdir as workdir_lib
-from resnet_jax.train import (metric_writers, run_setup, tensorboard_files,
+from resnet_jax.train import (metric_writers, run_setup,
                               train_loop)
 from resnet_jax.errors import UserError
-from test_checkpoints import _final_state, _leaves, _scalars
-from test_training import _env, tiny_config
+from helpers import final_state, leaves, scalars, subprocess_env, tiny_config
 
 
 @pytest.fixture(scope='module')
@@ -85,7 +84,7 @@ def test_the_workdir_lock_names_its_holder_and_dies_with_it(tmp_path):
       [sys.executable, '-c', 'import sys, time; from resnet_jax.checkpoint '
        'import workdir; workdir.WorkdirLock(sys.argv[1]).acquire(); '
        'print("locked", flush=True); time.sleep(600)', str(tmp_path)],
-      env=_env(), stdout=subprocess.PIPE, text=True)
+      env=subprocess_env(), stdout=subprocess.PIPE, text=True)
   assert holder.stdout.readline().strip() == 'locked'
   with pytest.raises(UserError, match=f'process {holder.pid} '):
     workdir_lib.WorkdirLock(str(tmp_path)).acquire()
@@ -148,8 +147,8 @@ def test_a_damaged_latest_checkpoint_is_named_and_skipped(finished, tmp_path,
   assert train_loop.train_and_evaluate(config, str(workdir)) == result
   assert (workdir / 'damaged_checkpoints' / '8' / damaged.relative_to(
       workdir / 'checkpoints' / '8')).read_bytes() == content
-  a, b = _final_state(original, 8), _final_state(workdir, 8)
-  for x, y in zip(_leaves(a), _leaves(b)):
+  a, b = final_state(original, 8), final_state(workdir, 8)
+  for x, y in zip(leaves(a), leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
@@ -172,7 +171,7 @@ def test_tensorboard_after_resumes_shows_each_step_once(tmp_path):
   for f in leftover.iterdir():  # with their mtimes: older than the rewrite
     shutil.copy2(f, tmp_path / 'tensorboard' / f'{f.name}.old')
   run(10, 10, rate=40.0, resume_from=9)
-  series = _scalars(tmp_path / 'tensorboard')
+  series = scalars(tmp_path / 'tensorboard')
   assert [s for s, _ in series['loss']] == list(range(1, 11))
   assert [v for _, v in series['loss']] == pytest.approx(
       [1.0 / s for s in range(1, 11)])

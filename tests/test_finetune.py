@@ -80,6 +80,7 @@ def test_recipe_defaults():
   assert config.run.init_from and config.optim.learning_rate <= 0.05
 
 
+@pytest.mark.full
 def test_run_starts_from_converted_weights(converted, fake_data_dir, tmp_path):
   source, rgb = converted
   # Learning rate 0: the checkpoint after two steps holds the warm start.

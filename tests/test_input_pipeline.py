@@ -143,6 +143,7 @@ def _raw_idx(name):
   return np.frombuffer(data, np.uint8, offset=16 if 'images' in name else 8)
 
 
+@pytest.mark.full
 @needs_fashion
 def test_fashion_mnist_shapes_labels_and_class_names(fashion):
   _, splits, train, test = fashion
@@ -168,6 +169,7 @@ def test_fashion_mnist_shapes_labels_and_class_names(fashion):
                                                    4])
 
 
+@pytest.mark.full
 @needs_fashion
 def test_fashion_mnist_pixels_match_the_download_files(fashion):
   _, _, train, _ = fashion
@@ -182,6 +184,7 @@ def test_fashion_mnist_pixels_match_the_download_files(fashion):
   assert abs(train.images.std() / 255 - FASHION.std[0]) < 1e-3
 
 
+@pytest.mark.full
 @needs_fashion
 def test_validation_holdout_is_the_tail_of_train(fashion):
   data_dir, _, train, test = fashion
@@ -221,6 +224,7 @@ print(json.dumps({'class_names': splits.class_names,
 '''
 
 
+@pytest.mark.full
 @needs_fashion
 def test_cache_is_read_without_tensorflow(fashion):
   data_dir, splits, train, test = fashion
@@ -241,6 +245,7 @@ def test_cache_is_read_without_tensorflow(fashion):
   assert got['dtypes'] == ['uint8', 'int32']
 
 
+@pytest.mark.full
 @needs_fashion
 def test_cli_reports_the_cache(fashion, capsys, monkeypatch):
   data_dir = fashion[0]

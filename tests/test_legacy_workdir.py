@@ -15,7 +15,7 @@ import shutil
 
 import pytest
 
-from conftest import write_fake_dataset
+from helpers import write_fake_dataset
 from resnet_jax.checkpoint import workdir as workdir_lib
 from resnet_jax import predictor
 from resnet_jax.train import train_loop

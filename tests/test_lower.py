@@ -13,9 +13,11 @@ import sys
 
 import pytest
 
-from test_training import _env
-
+from helpers import subprocess_env
 from resnet_jax.cpu import native
+
+# Subprocesses and every config end to end: the full tier.
+pytestmark = pytest.mark.full
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.stem for p in (ROOT / 'configs').glob('*.py')
@@ -78,7 +80,7 @@ for leak, fn in leaks.items():
 @pytest.fixture(scope='module')
 def lowered():
   out = subprocess.run([sys.executable, '-c', _SCRIPT, *CONFIGS],
-                       capture_output=True, text=True, cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, cwd=ROOT, env=subprocess_env(),
                        timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   return [json.loads(line) for line in out.stdout.splitlines()]
@@ -120,7 +122,7 @@ def test_command_line(tmp_path):
   out = subprocess.run(
       [sys.executable, '-m', 'resnet_jax.tools.lower', '--platform=cuda',
        '--devices=2', '--config.data.batch_size=32'],
-      capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=600)
+      capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   text = out.stdout
   assert 'train step for cuda on 2 devices (conv_impl xla)' in text
@@ -131,7 +133,7 @@ def test_command_line(tmp_path):
   assert 'known only to the cuda compiler' in text
   bad = subprocess.run(
       [sys.executable, '-m', 'resnet_jax.tools.lower', '--platform=gpu'],
-      capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300)
+      capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=300)
   assert bad.returncode == 2
   assert bad.stderr.strip().splitlines() == [
       'error: unknown platform gpu: choose from cpu, cuda, rocm, tpu '

@@ -7,7 +7,7 @@ import json
 import os
 
 from resnet_jax.train import train_loop
-from test_training import tiny_config
+from helpers import tiny_config
 
 
 def _trace(workdir):

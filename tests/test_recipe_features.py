@@ -17,48 +17,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from resnet_jax.checkpoint import checkpointing
 from resnet_jax import config as config_lib, durations, predictor, sharding
-from resnet_jax.train import optim, train_loop, train_step, wandb_sink
+from resnet_jax.train import train_loop, train_step, wandb_sink
 from resnet_jax.errors import UserError
-from test_training import run_check, tiny_config
+from helpers import run_check, tiny_batches, tiny_config, tiny_state
 
 STEPS = durations.Steps(total=100, per_epoch=10, warmup=0, log_every=10,
                         eval_every=10, checkpoint_every=10)
-
-
-class Tiny(nn.Module):
-  """Dense -> (BatchNorm) -> ReLU -> Dense on 6 features."""
-  bn: bool = False
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    x = nn.Dense(8)(x)
-    if self.bn:
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
-    return nn.Dense(10)(nn.relu(x))
-
-
-def tiny_state(bn: bool, ema: bool = False, tx=None):
-  model = Tiny(bn=bn)
-  if tx is None:  # the project's SGD: Nesterov momentum, coupled decay
-    params = jax.eval_shape(lambda: model.init(
-        jax.random.key(0), jnp.zeros((1, 6)), train=False))['params']
-    tx = optim.create_optimizer(config_lib.base_config().optim,
-                                optax.constant_schedule(0.1), params)
-  return train_step.create_train_state(model, tx, jax.random.key(0), (1, 6),
-                                       ema=ema)
-
-
-def tiny_batches(n: int, size: int = 16):
-  rng = np.random.default_rng(0)
-  return [{'image': rng.normal(size=(size, 6)).astype(np.float32),
-           'label': rng.integers(0, 10, size).astype(np.int32)}
-          for _ in range(n)]
 
 
 def step_fn(**kwargs):
@@ -157,6 +125,7 @@ def test_accumulation_with_batchnorm_updates_statistics_per_micro_batch():
                              rtol=1e-4)
 
 
+@pytest.mark.full
 def test_accumulation_on_eight_devices_equals_one_big_batch():
   r = run_check('accumulated_step')
   assert r['devices'] == 8

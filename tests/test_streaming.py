@@ -16,13 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_stream_dataset
+from helpers import ROOT, blocked_tensorflow, final_state, free_port, leaves, metric_records, run_until, subprocess_env, write_stream_dataset
 from resnet_jax import config as config_lib
 from resnet_jax.data import (datasets, host_decode, in_memory, order, records,
                              streaming)
 from resnet_jax.errors import UserError
-from test_checkpoints import _final_state, _leaves, _records, _run_until
-from test_training import ROOT, _blocked_tensorflow, _env
 
 FASHION = datasets.get('fashion_mnist')
 IMAGENET = datasets.get('imagenet2012')
@@ -102,6 +100,7 @@ def test_train_batch_k_is_a_pure_function_of_seed_and_k(stream_dir):
   assert not _equal(other(0), run[0])
 
 
+@pytest.mark.full
 def test_two_processes_slice_the_one_process_batch(stream_dir):
   one = streaming.BatchLoader(_stream(stream_dir, IMAGENET, image_size=16)
                               .plan('train', 8))
@@ -184,6 +183,7 @@ def test_pipeline_field_and_its_errors(stream_dir):
     streaming.prepared(datasets.get('mnist'), stream_dir, prepare=False)
 
 
+@pytest.mark.full
 def test_real_fashion_mnist_converted_from_tfds_streams_its_pixels(
     fashion_mnist_data_dir, tmp_path):
   # TFDS prepared the session's Fashion-MNIST as TFRecord files; converted
@@ -219,6 +219,7 @@ def _cmd(workdir, data_dir, *extra):
           '--config.run.progress_bar=False', *extra]
 
 
+@pytest.mark.full
 def test_streamed_run_killed_and_resumed_equals_uninterrupted_without_tf(
     stream_dir, tmp_path, monkeypatch):
   # Every run here has TensorFlow and TFDS not importable. The reference
@@ -226,7 +227,7 @@ def test_streamed_run_killed_and_resumed_equals_uninterrupted_without_tf(
   # process; it is killed right after its step-9 checkpoint (past the epoch
   # boundary at 8 and its evaluation) and resumed mid-epoch. The killed
   # run's worker exits with it (else communicate() would wait on its pipes).
-  env = _env(PYTHONPATH=f'{_blocked_tensorflow(tmp_path)}:{ROOT}')
+  env = subprocess_env(PYTHONPATH=f'{blocked_tensorflow(tmp_path)}:{ROOT}')
   monkeypatch.setattr('test_checkpoints._env', lambda: env)
   ref, run = tmp_path / 'reference', tmp_path / 'interrupted'
   out = subprocess.run(_cmd(ref, stream_dir, '--config.data.stream_workers=0'),
@@ -234,41 +235,41 @@ def test_streamed_run_killed_and_resumed_equals_uninterrupted_without_tf(
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'test acc' in out.stdout
   workers = '--config.data.stream_workers=1'
-  code, _, err = _run_until(_cmd(run, stream_dir, workers), run, 9,
+  code, _, err = run_until(_cmd(run, stream_dir, workers), run, 9,
                             signal.SIGKILL)
   assert code == -signal.SIGKILL, err[-3000:]
   out = subprocess.run(_cmd(run, stream_dir, workers), env=env,
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  a, b = _final_state(ref, 12), _final_state(run, 12)
+  a, b = final_state(ref, 12), final_state(run, 12)
   for section in ('params', 'batch_stats', 'opt_state', 'step',
                   'metric_sums'):
-    for x, y in zip(_leaves(a[section]), _leaves(b[section])):
+    for x, y in zip(leaves(a[section]), leaves(b[section])):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
                                     err_msg=section)
   # Step by step: every loss record and both evaluations (top-5 included).
-  ref_records, run_records = _records(ref), _records(run)
+  ref_records, run_records = metric_records(ref), metric_records(run)
   assert ref_records == run_records
   evals = [r for r in ref_records if 'test_accuracy' in r]
   assert [r['test_count'] for r in evals] == [100, 100]
   assert all(r['test_accuracy'] <= r['test_top5_accuracy'] for r in evals)
 
 
+@pytest.mark.full
 def test_two_processes_assemble_the_one_process_batches(stream_dir):
   # Each of 2 processes (2 simulated devices each) decodes its half of every
   # global batch; assembled with make_array_from_process_local_data they
   # are the batches of 1 process on 4 devices, evaluation included.
-  from test_checkpoints import _free_port  # pylint: disable=g-import-not-at-top
   script = [sys.executable, str(ROOT / 'tests' / 'multidevice_checks.py'),
             'stream_batches', stream_dir]
-  port = _free_port()
+  port = free_port()
 
   def env(processes, index):
     devices = 4 // processes
     extra = {} if processes == 1 else dict(
         JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(index),
         JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}')
-    return _env(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+    return subprocess_env(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
                 **extra)
 
   procs = [subprocess.Popen(script, stdout=subprocess.PIPE,

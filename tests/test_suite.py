@@ -7,14 +7,19 @@ import pathlib
 import subprocess
 import sys
 
-from test_training import _env
+import pytest
+
+from helpers import subprocess_env
+
+# Subprocesses and every config end to end: the full tier.
+pytestmark = pytest.mark.full
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _suite(*args, timeout=900):
   return subprocess.run([sys.executable, '-m', 'resnet_jax.tools.suite', *args],
-                        capture_output=True, text=True, cwd=ROOT, env=_env(),
+                        capture_output=True, text=True, cwd=ROOT, env=subprocess_env(),
                         timeout=timeout)
 
 

@@ -55,6 +55,7 @@ def _summary_cli(*args):
       text=True, cwd=ROOT, timeout=300, check=False)
 
 
+@pytest.mark.full
 def test_summary_cli(tmp_path):
   out = _summary_cli('--config=configs/cifar10_resnet20.py')
   assert out.returncode == 0, out.stderr[-2000:]

@@ -1,42 +1,20 @@
 """Training: sharded == single device, every config runs, the CLI's outputs
 and errors, and a short real run that learns."""
 
-import importlib
 import json
 import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import FAST_COMPILE
+from helpers import ROOT, run_check, tiny_config, write_stream_dataset
 from resnet_jax.train import train_loop
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.stem for p in (ROOT / 'configs').glob('*.py')
                  if p.stem != '__init__')
 
 
-def _env(**extra) -> dict:
-  """The environment of a subprocess: this checkout, the CPU, and the
-  conftest's XLA flags plus any given (e.g. a simulated device count)."""
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu')
-  env['XLA_FLAGS'] = f"{FAST_COMPILE} {extra.pop('XLA_FLAGS', '')}".strip()
-  env.update(extra)
-  return env
-
-
-def run_check(name: str, *args: str) -> dict:
-  out = subprocess.run(
-      [sys.executable, str(ROOT / 'tests' / 'multidevice_checks.py'), name,
-       *args], capture_output=True, text=True, env=_env(), timeout=600,
-      check=False)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return json.loads(out.stdout.strip().splitlines()[-1])
-
-
+@pytest.mark.full
 @pytest.mark.parametrize('conv_impl,model', [
     ('xla', 'cifar_resnet20'), ('onednn', 'cifar_resnet20'),
     ('chunked', 'cifar_resnet20'), ('auto', 'd2l_resnet18')])
@@ -66,31 +44,11 @@ def test_sharded_step_equals_single_device_step(conv_impl, model):
   assert r['params_max_abs'] < 0.05 * r['update_max_abs']
 
 
-def tiny_config(name: str, data_dir: str, **overrides):
-  """configs/<name>.py shrunk to 3 steps of batch 8; `overrides` are dotted
-  field paths, e.g. tiny_config('default', d, **{'model.width': 4})."""
-  config = importlib.import_module(f'configs.{name}').get_config()
-  config.data.tfds_data_dir = data_dir
-  config.data.batch_size = 8
-  config.data.eval_batch_size = 64
-  config.run.num_train_steps = 3
-  config.run.log_every_steps = 1
-  config.run.checkpoint_every_steps = 2
-  config.run.progress_bar = False
-  config.optim.warmup_epochs = 0.0
-  config.optim.warmup_steps = None
-  boundaries = tuple(b for b in config.optim.lr_boundaries if b < 3)
-  config.optim.lr_scales = config.optim.lr_scales[:len(boundaries)]
-  config.optim.lr_boundaries = boundaries
-  config.update_from_flattened_dict(overrides)
-  return config
-
-
+@pytest.mark.full
 def test_imagenet_config_streams_and_trains(tmp_path):
   # The recipe (bfloat16, Nesterov, label smoothing, warmup + cosine, the
   # streamed Inception crop) on a narrow ResNet-50 at 32x32, over a tiny
   # ImageNet of JPEGs in TFDS's ArrayRecord layout.
-  from conftest import write_stream_dataset  # pylint: disable=g-import-not-at-top
   data_dir = str(tmp_path / 'tfds')
   write_stream_dataset(data_dir, 'imagenet2012',
                        {'train': 40, 'validation': 21}, shape=None,
@@ -105,28 +63,7 @@ def test_imagenet_config_streams_and_trains(tmp_path):
   assert 0 <= result['val_accuracy'] <= result['val_top5_accuracy'] <= 1
 
 
-def _blocked_tensorflow(tmp_path) -> str:
-  """A sitecustomize under which TensorFlow and TFDS look not installed:
-  imports fail and importlib.util.find_spec returns None (as etils asks)."""
-  block = tmp_path / 'block_tf'
-  block.mkdir()
-  (block / 'sitecustomize.py').write_text(
-      'import importlib.util, sys\n'
-      'BLOCKED = ("tensorflow", "tensorflow_datasets")\n'
-      'class _Block:\n'
-      '  def find_spec(self, name, path=None, target=None):\n'
-      '    if name.split(".")[0] in BLOCKED:\n'
-      '      raise ModuleNotFoundError(f"No module named {name!r}")\n'
-      'sys.meta_path.insert(0, _Block())\n'
-      '_find_spec = importlib.util.find_spec\n'
-      'def find_spec(name, package=None):\n'
-      '  if name.split(".")[0] in BLOCKED:\n'
-      '    return None\n'
-      '  return _find_spec(name, package)\n'
-      'importlib.util.find_spec = find_spec\n')
-  return str(block)
-
-
+@pytest.mark.full
 def test_short_real_run_learns(fashion_mnist_data_dir, tmp_path):
   config = tiny_config('default', fashion_mnist_data_dir, **{
       'model.width': 8, 'data.batch_size': 64, 'run.num_train_steps': 120,
