@@ -88,11 +88,13 @@ def blocked_tensorflow(tmp_path) -> str:
   return str(block)
 
 
-def run_until(cmd: list[str], workdir, step: int, sig: int):
-  """Starts `cmd`, sends `sig` once the checkpoint of `step` is complete;
-  (exit code, stdout, stderr)."""
-  proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+def run_until(cmd: list[str], workdir, step: int, sig: int,
+              env: dict | None = None):
+  """Starts `cmd` (in `env`, default `subprocess_env()`), sends `sig` once
+  the checkpoint of `step` is complete; (exit code, stdout, stderr)."""
+  proc = subprocess.Popen(cmd, env=env or subprocess_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
   target = pathlib.Path(workdir) / 'checkpoints' / str(step)
   deadline = time.time() + 400
   while not target.is_dir():

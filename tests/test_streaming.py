@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import ROOT, blocked_tensorflow, final_state, free_port, leaves, metric_records, run_until, subprocess_env, write_stream_dataset
+from helpers import (ROOT, blocked_tensorflow, final_state, free_port, leaves,
+                     metric_records, run_until, subprocess_env,
+                     write_stream_dataset)
 from resnet_jax import config as config_lib
 from resnet_jax.data import (datasets, host_decode, in_memory, order, records,
                              streaming)
@@ -221,14 +223,13 @@ def _cmd(workdir, data_dir, *extra):
 
 @pytest.mark.full
 def test_streamed_run_killed_and_resumed_equals_uninterrupted_without_tf(
-    stream_dir, tmp_path, monkeypatch):
+    stream_dir, tmp_path):
   # Every run here has TensorFlow and TFDS not importable. The reference
   # decodes in its own threads, the interrupted run in a Grain worker
   # process; it is killed right after its step-9 checkpoint (past the epoch
   # boundary at 8 and its evaluation) and resumed mid-epoch. The killed
   # run's worker exits with it (else communicate() would wait on its pipes).
   env = subprocess_env(PYTHONPATH=f'{blocked_tensorflow(tmp_path)}:{ROOT}')
-  monkeypatch.setattr('test_checkpoints._env', lambda: env)
   ref, run = tmp_path / 'reference', tmp_path / 'interrupted'
   out = subprocess.run(_cmd(ref, stream_dir, '--config.data.stream_workers=0'),
                        env=env, capture_output=True, text=True, timeout=600)
@@ -236,7 +237,7 @@ def test_streamed_run_killed_and_resumed_equals_uninterrupted_without_tf(
   assert 'test acc' in out.stdout
   workers = '--config.data.stream_workers=1'
   code, _, err = run_until(_cmd(run, stream_dir, workers), run, 9,
-                            signal.SIGKILL)
+                           signal.SIGKILL, env=env)
   assert code == -signal.SIGKILL, err[-3000:]
   out = subprocess.run(_cmd(run, stream_dir, workers), env=env,
                        capture_output=True, text=True, timeout=600)
