@@ -3,10 +3,10 @@
 A `ResNet` builds every convolution, BatchNorm and max-pool from its
 `layers` value. The default is Flax's own (`nn.Conv`, `nn.BatchNorm`,
 `nn.max_pool`), which XLA compiles well on GPUs and TPUs. Another platform
-supplies drop-ins with the same constructor, parameters and numbers:
-`resnet_jax.cpu.layers.layers_for('auto')` gives the CPU path's. A variant with,
-say, GroupNorm is `partial(ResNet, layers=Layers(norm=MyNorm))`; parameter
-names do not depend on the layers, so checkpoints move freely between them.
+supplies drop-ins with the same constructor, parameters and numbers
+(`resnet_jax.cpu.layers.layers_for('auto')` gives the CPU path's), so
+checkpoints move freely between them. A variant with, say, GroupNorm is
+`partial(ResNet, layers=Layers(norm=MyNorm))`.
 """
 
 import dataclasses
