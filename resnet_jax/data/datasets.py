@@ -43,6 +43,13 @@ class DatasetSpec:
       return None
     return (self.native_size, self.native_size, self.channels)
 
+  @property
+  def cropped_on_host(self) -> bool:
+    """Images of varying size (ImageNet) are cropped, resized and flipped
+    on the host as they are decoded (streaming.py); images of one size are
+    decoded as stored and augmented on the device (preprocess.py)."""
+    return self.native_size is None
+
 
 def _small(name, num_classes, channels, size, mean, std, num_train, num_test):
   return DatasetSpec(name, num_classes, channels, size, mean, std, 'memory',

@@ -81,19 +81,23 @@ class InMemoryData(Data):
     return sharding.global_array_from_host(self.mesh, values,
                                            P(sharding.DATA_AXIS))
 
+  def _batch(self, arrays: tuple[jax.Array, jax.Array],
+             indices: np.ndarray) -> Batch:
+    """The examples at `indices` of resident (images, labels), sharded."""
+    image, label = self._gather(*arrays, self._sharded(
+        indices.astype(np.int32)))
+    return {'image': image, 'label': label}
+
   def train_batches(self, start_step: int) -> Iterator[Batch]:
     for indices in order.train_index_stream(
         self.num_train, self.batch_size, self.seed, start_step=start_step):
-      image, label = self._gather(*self._train,
-                                  self._sharded(indices.astype(np.int32)))
-      yield {'image': image, 'label': label}
+      yield self._batch(self._train, indices)
 
   def eval_batches(self, split: str) -> Iterator[Batch]:
     for indices, mask in order.eval_batches(self.eval_sizes[split],
-                                                     self.eval_batch_size):
-      image, label = self._gather(*self._evals[split],
-                                  self._sharded(indices.astype(np.int32)))
-      yield {'image': image, 'label': label, 'mask': self._sharded(mask)}
+                                            self.eval_batch_size):
+      yield {**self._batch(self._evals[split], indices),
+             'mask': self._sharded(mask)}
 
 
 class StreamingData(Data):

@@ -155,7 +155,7 @@ def make_preprocess(data_config: Any, spec: datasets.DatasetSpec,
   common = dict(image_size=image_size, mean=spec.mean, std=spec.std,
                 dtype=dtype)
   augment = augment_config_from(data_config.augment,
-                                flip_on_host=spec.native_size is None)
+                                flip_on_host=spec.cropped_on_host)
   return Preprocessing(
       functools.partial(preprocess_batch, augment=augment, **common),
       functools.partial(preprocess_batch, augment=None, **common))

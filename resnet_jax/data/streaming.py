@@ -268,9 +268,8 @@ class Stream:
     self.sizes = {'train': split_size(found, spec.train_split)}
     self.sizes.update({k: split_size(found, v)
                        for k, v in spec.eval_splits.items()})
-    # Datasets of one image size are decoded as stored (the device resizes
-    # and augments them as in-memory data); others are cropped here.
-    out_size = None if spec.native_size is not None else image_size
+    # Decoded as stored (None), or cropped here to image_size.
+    out_size = image_size if spec.cropped_on_host else None
     self._common = dict(image_key=found.image_key, label_key=found.label_key,
                         process_index=process_index,
                         process_count=process_count, seed=seed,
